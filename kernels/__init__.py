@@ -1,0 +1,1 @@
+"""Triton and torch kernels for sparse paged decode, chunk scoring and chunk copies."""
