@@ -162,16 +162,7 @@ class LSAConfig:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "LSAConfig":
-        import yaml
-
-        p = Path(path)
-        if not p.is_file():
-            raise LSAConfigError(f"lsa config file not found: {p}")
-        try:
-            data = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise LSAConfigError(f"lsa config file {p} is not valid YAML: {e}") from None
-        return cls.from_dict(data, base_dir=p.parent.resolve())
+        return read_preset(path)[0]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -194,4 +185,23 @@ class LSAConfig:
         return dataclasses.replace(self, **changes)
 
 
-__all__ = ["LSAConfig", "LSAConfigError", "ENV_VAR", "ENSEMBLES", "POLICIES", "KERNELS"]
+def read_preset(path: str | os.PathLike) -> tuple[LSAConfig, dict[str, Any]]:
+    """A preset YAML: LSAConfig fields plus an optional `sglang:` map of default server flags."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise LSAConfigError(f"lsa config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LSAConfigError(f"lsa config file {p} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise LSAConfigError(f"lsa config file {p} must hold a mapping of field: value")
+    sglang_defaults = data.pop("sglang", None) or {}
+    if not isinstance(sglang_defaults, dict):
+        raise LSAConfigError("lsa config field 'sglang': expected a mapping of sglang flag: value")
+    return LSAConfig.from_dict(data, base_dir=p.parent.resolve()), sglang_defaults
+
+
+__all__ = ["LSAConfig", "LSAConfigError", "ENV_VAR", "read_preset", "ENSEMBLES", "POLICIES", "KERNELS"]
