@@ -1,0 +1,99 @@
+"""LSAConfig: every field rejects its bad values with one message naming the field."""
+
+import json
+
+import pytest
+
+from lsa_sglang.config import ENV_VAR, LSAConfig, LSAConfigError, read_preset
+
+BAD_VALUES = {
+    "enabled": ["yes", 1, None],
+    "chunk_size": [0, 7, 48, 8192, "64", 64.0, True],
+    "tau": [0, -1, 1.5, "64", 70000],
+    "threshold": [0, 1, 1.5, -0.1, "0.5", None, True],
+    "ensemble": ["sum", "", None, 1],
+    "target_layers": [(), (1, 1), (-1,), ("a",), (1.0,), 3],
+    "sink_chunks": [-1, 0.5, "1", None],
+    "recent_tokens": [-1, 1.5, None],
+    "chunks_per_page": [0, -2, 1.5],
+    "page_budget": [0, -1, 2.5, None],
+    "min_pages": [-1, 0.5],
+    "host_pool_gb": [0, -1, "4", None, True],
+    "indexer_checkpoint": [3, ["a"]],
+    "policy": ["oracle", "", None],
+    "needle_fallback": ["true", 0],
+    "kernel": ["cuda", None],
+    "seed": [-1, 1.5],
+    "poison_released": ["no", 1],
+}
+
+
+def test_every_field_has_bad_value_cases():
+    assert set(BAD_VALUES) == set(LSAConfig.field_names())
+
+
+@pytest.mark.parametrize(
+    "name,value", [(n, v) for n, vals in BAD_VALUES.items() for v in vals]
+)
+def test_bad_value_names_field(name, value):
+    with pytest.raises(LSAConfigError) as err:
+        LSAConfig.from_dict({name: value})
+    msg = str(err.value)
+    assert f"'{name}'" in msg and "expected" in msg and "\n" not in msg
+
+
+def test_allowed_values_are_listed():
+    with pytest.raises(LSAConfigError, match="one of indexer, recency, random, quest"):
+        LSAConfig.from_dict({"policy": "oracle"})
+    with pytest.raises(LSAConfigError, match="one of max, mean"):
+        LSAConfig.from_dict({"ensemble": "sum"})
+
+
+def test_min_pages_above_budget():
+    with pytest.raises(LSAConfigError, match="'min_pages'.*<= page_budget"):
+        LSAConfig(page_budget=4, min_pages=5)
+
+
+def test_unknown_field_lists_known_fields():
+    with pytest.raises(LSAConfigError, match="'chunksize': unknown field; known fields are .*chunk_size"):
+        LSAConfig.from_dict({"chunksize": 64})
+
+
+def test_yaml_round_trip_and_env(tmp_path, monkeypatch):
+    p = tmp_path / "c.yaml"
+    p.write_text(
+        "chunk_size: 32\ntarget_layers: [3, 7]\nindexer_checkpoint: ckpt/x.safetensors\n"
+        "sglang:\n  dtype: float32\n  disable_radix_cache: true\n"
+    )
+    cfg, sglang_defaults = read_preset(p)
+    assert cfg.chunk_size == 32 and cfg.target_layers == (3, 7)
+    # relative checkpoint paths resolve against the YAML's folder
+    assert cfg.indexer_checkpoint == str((tmp_path / "ckpt/x.safetensors").resolve())
+    assert sglang_defaults == {"dtype": "float32", "disable_radix_cache": True}
+    monkeypatch.setenv(ENV_VAR, cfg.to_json())
+    assert LSAConfig.from_env() == cfg
+    monkeypatch.setenv(ENV_VAR, str(p))
+    assert LSAConfig.from_env() == cfg
+    assert json.loads(cfg.to_json())["recent_tokens"] == 512
+
+
+def test_yaml_errors(tmp_path):
+    with pytest.raises(LSAConfigError, match="not found"):
+        LSAConfig.from_yaml(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("chunk_size: [1, 2\n")
+    with pytest.raises(LSAConfigError, match="not valid YAML"):
+        LSAConfig.from_yaml(bad)
+    lst = tmp_path / "list.yaml"
+    lst.write_text("- 1\n- 2\n")
+    with pytest.raises(LSAConfigError, match="mapping"):
+        LSAConfig.from_yaml(lst)
+
+
+def test_shipped_presets_are_valid():
+    from pathlib import Path
+
+    presets = sorted((Path(__file__).parents[2] / "server_configs").glob("*.yaml"))
+    assert presets
+    for p in presets:
+        read_preset(p)
