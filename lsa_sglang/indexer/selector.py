@@ -1,0 +1,202 @@
+"""Tier-1 selection: which complete chunks of a request stay resident on the device next window.
+
+Pure functions over one request's chunk scores, on the host (a few thousand floats per tau steps).
+Chunk ids ``0..n_chunks-1`` are the request's complete chunks; the partial last chunk is the
+caller's and always resident. The first `sink_chunks` and the last `recent_chunks` are forced; the
+others ("candidates") are grouped into pages ``p = chunk_id // chunks_per_page`` (the same
+absolute layout as the scoring kernel's per-page counts, so pages do not shift as a request grows;
+a page that overlaps the sink or tail contributes only its candidate chunks). Every policy keeps at
+most `page_budget` pages, so policies compare at equal device footprint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import torch
+
+POLICIES = ("indexer", "recency", "random", "quest")
+
+
+@dataclass(frozen=True)
+class SelectionParams:
+    """Selection knobs (names follow LSAConfig; `recent_chunks` is the tail in chunks)."""
+
+    threshold: float = 0.5
+    chunks_per_page: int = 1
+    page_budget: int = 16
+    min_pages: int = 0
+    sink_chunks: int = 1
+    recent_chunks: int = 8
+    policy: str = "indexer"
+    needle_fallback: bool = True
+
+    def __post_init__(self) -> None:
+        for name, lo in (("chunks_per_page", 1), ("page_budget", 1), ("min_pages", 0),
+                         ("sink_chunks", 0), ("recent_chunks", 0)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"SelectionParams.{name} must be an integer >= {lo}, got {v!r}")
+        if self.min_pages > self.page_budget:
+            raise ValueError(f"SelectionParams.min_pages ({self.min_pages}) must be <= page_budget ({self.page_budget})")
+        if self.policy not in POLICIES:
+            raise ValueError(f"SelectionParams.policy must be one of {POLICIES}, got {self.policy!r}")
+        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
+                or not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"SelectionParams.threshold must be in [0, 1], got {self.threshold!r}")
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> "SelectionParams":
+        """From any object with LSAConfig's attribute names (duck-typed: no config import here)."""
+        return cls(
+            threshold=float(cfg.threshold),
+            chunks_per_page=int(cfg.chunks_per_page),
+            page_budget=int(cfg.page_budget),
+            min_pages=int(cfg.min_pages),
+            sink_chunks=int(cfg.sink_chunks),
+            recent_chunks=int(cfg.recent_chunks),
+            policy=str(cfg.policy),
+            needle_fallback=bool(cfg.needle_fallback),
+        )
+
+
+class Selection(NamedTuple):
+    """Resident set for the next window; all id tensors are sorted int64 on the CPU."""
+
+    resident: torch.Tensor  # forced | picked
+    forced: torch.Tensor  # sink + recency tail
+    picked: torch.Tensor  # chosen by the policy beyond the forced ones
+    pages_kept: int  # pages the picked chunks come from
+    fallback: bool  # the needle fallback widened this selection
+
+
+def device_budget_chunks(params: SelectionParams) -> int:
+    """Most complete chunks one request can hold on the device (the partial chunk not counted)."""
+    return params.sink_chunks + params.recent_chunks + params.page_budget * params.chunks_per_page
+
+
+def forced_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
+    """Sink + recency-tail chunk ids, sorted."""
+    ids = torch.arange(n_chunks, dtype=torch.int64)
+    return ids[(ids < params.sink_chunks) | (ids >= n_chunks - params.recent_chunks)]
+
+
+def candidate_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
+    """Chunk ids the policy chooses among (everything not forced), sorted."""
+    lo = min(params.sink_chunks, n_chunks)
+    hi = max(lo, n_chunks - params.recent_chunks)
+    return torch.arange(lo, hi, dtype=torch.int64)
+
+
+def _check_scores(scores: torch.Tensor | None, n_chunks: int, policy: str) -> torch.Tensor:
+    if scores is None:
+        raise ValueError(f"policy {policy!r} needs scores for the {n_chunks} chunks")
+    s = torch.as_tensor(scores).detach().to("cpu", torch.float32).reshape(-1)
+    if s.numel() != n_chunks:
+        raise ValueError(f"expected {n_chunks} scores, got {s.numel()}")
+    return torch.nan_to_num(s, nan=float("-inf"))  # a NaN score never wins a page
+
+
+def _rank_pages(keys: list[torch.Tensor]) -> torch.Tensor:
+    """Order of rows sorted by several keys, all descending, first key most significant."""
+    order = torch.arange(keys[0].numel())
+    for key in reversed(keys):  # stable sorts from least to most significant key
+        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    return order
+
+
+def select_chunks(
+    n_chunks: int,
+    params: SelectionParams,
+    scores: torch.Tensor | None = None,
+    rng: torch.Generator | int | None = None,
+    widen: bool = False,
+) -> Selection:
+    """Resident chunk set of one request for the next window.
+
+    `scores [n_chunks]`: combined indexer scores (policy "indexer") or Quest bounds ("quest");
+    ignored by "recency" and "random". `rng`: a torch.Generator or int seed, required by "random"
+    (explicit so baselines are reproducible). `widen`: the needle fallback (see `needs_fallback`);
+    honoured only for the indexer policy and when ``params.needle_fallback`` is on.
+    """
+    if n_chunks < 0:
+        raise ValueError(f"n_chunks must be >= 0, got {n_chunks}")
+    forced = forced_chunks(n_chunks, params)
+    cand = candidate_chunks(n_chunks, params)
+    cpp = params.chunks_per_page
+    empty = torch.empty(0, dtype=torch.int64)
+
+    def done(picked: torch.Tensor, fallback: bool = False) -> Selection:
+        picked = torch.sort(picked).values
+        resident = torch.sort(torch.cat([forced, picked])).values
+        n_pages = int(torch.unique(picked // cpp).numel()) if picked.numel() else 0
+        return Selection(resident, forced, picked, n_pages, fallback)
+
+    if params.policy in ("indexer", "quest"):
+        s = _check_scores(scores, n_chunks, params.policy)
+    if cand.numel() <= params.page_budget * cpp:
+        return done(cand)  # everything fits: selection would only lose chunks
+
+    page_of = cand // cpp
+    pages, local = torch.unique(page_of, return_inverse=True)  # candidate pages, ascending
+    n_pages = pages.numel()
+    budget = params.page_budget
+
+    if params.policy == "recency":
+        keep = pages[-budget:]
+        fallback = False
+    elif params.policy == "random":
+        if rng is None:
+            raise ValueError("policy 'random' needs rng (a torch.Generator or an int seed)")
+        gen = rng if isinstance(rng, torch.Generator) else torch.Generator().manual_seed(int(rng))
+        keep = pages[torch.randperm(n_pages, generator=gen)[:budget]]
+        fallback = False
+    else:
+        cs = s[cand]
+        page_max = torch.full((n_pages,), float("-inf")).scatter_reduce(0, local, cs, reduce="amax")
+        recency = pages.to(torch.float32)
+        fallback = bool(widen and params.needle_fallback and params.policy == "indexer")
+        if params.policy == "quest" or fallback:
+            keep = pages[_rank_pages([page_max, recency])[:budget]]
+        else:
+            dense = (cs > params.threshold).to(torch.float32)
+            density = torch.zeros(n_pages).index_add_(0, local, dense)
+            order = _rank_pages([density, page_max, recency])
+            n_dense = int((density > 0).sum())
+            n_keep = max(min(n_dense, budget), params.min_pages)
+            # Dense pages first (densest, then max score, then recent); the top-up to min_pages
+            # continues with the non-dense pages by max score, which is the same order.
+            keep = pages[order[:n_keep]]
+    picked = cand[torch.isin(page_of, keep)]
+    return done(picked, fallback)
+
+
+def needs_fallback(
+    scores: torch.Tensor, threshold: float, tail_mass: float, tail_mass_floor: float = 0.5
+) -> bool:
+    """True when the indexer looks unsure: no candidate clears the threshold and the recency tail
+    holds less than `tail_mass_floor` of the attention mass (the answer is likely far back).
+
+    `scores` are the candidate chunks' scores (``scores[candidate_chunks(n, params)]``); with no
+    candidates there is nothing to widen, so False. The caller then passes ``widen=True`` to
+    `select_chunks` for the next window.
+    """
+    if not 0.0 <= tail_mass <= 1.0:
+        raise ValueError(f"tail_mass must be in [0, 1], got {tail_mass!r}")
+    s = torch.as_tensor(scores).reshape(-1)
+    if s.numel() == 0:
+        return False
+    return not bool((s > threshold).any()) and tail_mass < tail_mass_floor
+
+
+__all__ = [
+    "POLICIES",
+    "Selection",
+    "SelectionParams",
+    "candidate_chunks",
+    "device_budget_chunks",
+    "forced_chunks",
+    "needs_fallback",
+    "select_chunks",
+]
