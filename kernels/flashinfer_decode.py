@@ -81,8 +81,6 @@ class FlashInferSparseDecoder:
     ) -> None:
         flashinfer = _import_flashinfer()
         self.device = torch.device(device)
-        if self.device.type != "cuda":
-            raise ValueError("FlashInfer decode runs on CUDA devices only")
         kv_dtype = kv_dtype or q_dtype
         if q_dtype not in FLASHINFER_DTYPES or kv_dtype not in FLASHINFER_DTYPES:
             raise ValueError(f"FlashInfer decode takes fp16/bf16, got q={q_dtype} kv={kv_dtype}")
