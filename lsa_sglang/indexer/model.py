@@ -285,8 +285,9 @@ def quest_scores(
     if head_to_group is None:
         head_to_group = group_map(H, kmin.shape[1], device=kmin.device)
     qf = q.float()[None]  # [1, H, Dh]
-    lo = kmin.float()[:, head_to_group]  # [N, H, Dh]
-    hi = kmax.float()[:, head_to_group]
+    head_to_group = head_to_group.to(device=kmin.device, dtype=torch.int64)
+    lo = kmin.float().index_select(1, head_to_group)  # [N, H, Dh]
+    hi = kmax.float().index_select(1, head_to_group)
     return torch.maximum(qf * hi, qf * lo).sum(-1).amax(dim=-1)
 
 

@@ -83,7 +83,7 @@ def forced_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
 
 
 def candidate_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
-    """Chunk ids the policy chooses among (everything not forced), sorted."""
+    """Chunk ids the policy chooses among (everything not forced): one contiguous range."""
     lo = min(params.sink_chunks, n_chunks)
     hi = max(lo, n_chunks - params.recent_chunks)
     return torch.arange(lo, hi, dtype=torch.int64)
@@ -99,10 +99,15 @@ def _check_scores(scores: torch.Tensor | None, n_chunks: int, policy: str) -> to
 
 
 def _rank_pages(keys: list[torch.Tensor]) -> torch.Tensor:
-    """Order of rows sorted by several keys, all descending, first key most significant."""
+    """Order of rows sorted by several keys, all descending, first key most significant.
+
+    Stable sorts from the least to the most significant key. `index_select`, not ``t[idx]``:
+    advanced indexing is ~300x slower on CPU here (13 ms vs 0.04 ms for 16K rows).
+    """
     order = torch.arange(keys[0].numel())
-    for key in reversed(keys):  # stable sorts from least to most significant key
-        order = order[torch.sort(key[order], descending=True, stable=True).indices]
+    for key in reversed(keys):
+        by = torch.sort(key.index_select(0, order), descending=True, stable=True).indices
+        order = order.index_select(0, by)
     return order
 
 
@@ -125,7 +130,6 @@ def select_chunks(
     forced = forced_chunks(n_chunks, params)
     cand = candidate_chunks(n_chunks, params)
     cpp = params.chunks_per_page
-    empty = torch.empty(0, dtype=torch.int64)
 
     def done(picked: torch.Tensor, fallback: bool = False) -> Selection:
         picked = torch.sort(picked).values
@@ -138,37 +142,37 @@ def select_chunks(
     if cand.numel() <= params.page_budget * cpp:
         return done(cand)  # everything fits: selection would only lose chunks
 
-    page_of = cand // cpp
-    pages, local = torch.unique(page_of, return_inverse=True)  # candidate pages, ascending
-    n_pages = pages.numel()
+    # Candidates are the contiguous range [lo, hi); their pages are p_lo..p_hi, indexed locally.
+    lo, hi = int(cand[0]), int(cand[-1]) + 1
+    p_lo = lo // cpp
+    local = cand // cpp - p_lo  # local page of every candidate chunk
+    n_pages = (hi - 1) // cpp - p_lo + 1
     budget = params.page_budget
+    fallback = False
 
     if params.policy == "recency":
-        keep = pages[-budget:]
-        fallback = False
+        keep = torch.arange(n_pages - budget, n_pages)
     elif params.policy == "random":
         if rng is None:
             raise ValueError("policy 'random' needs rng (a torch.Generator or an int seed)")
         gen = rng if isinstance(rng, torch.Generator) else torch.Generator().manual_seed(int(rng))
-        keep = pages[torch.randperm(n_pages, generator=gen)[:budget]]
-        fallback = False
+        keep = torch.randperm(n_pages, generator=gen)[:budget]
     else:
-        cs = s[cand]
+        cs = s[lo:hi]
         page_max = torch.full((n_pages,), float("-inf")).scatter_reduce(0, local, cs, reduce="amax")
-        recency = pages.to(torch.float32)
+        recency = torch.arange(n_pages, dtype=torch.float32)
         fallback = bool(widen and params.needle_fallback and params.policy == "indexer")
         if params.policy == "quest" or fallback:
-            keep = pages[_rank_pages([page_max, recency])[:budget]]
+            keep = _rank_pages([page_max, recency])[:budget]
         else:
-            dense = (cs > params.threshold).to(torch.float32)
-            density = torch.zeros(n_pages).index_add_(0, local, dense)
-            order = _rank_pages([density, page_max, recency])
+            density = torch.zeros(n_pages).index_add_(0, local, (cs > params.threshold).to(torch.float32))
             n_dense = int((density > 0).sum())
             n_keep = max(min(n_dense, budget), params.min_pages)
             # Dense pages first (densest, then max score, then recent); the top-up to min_pages
             # continues with the non-dense pages by max score, which is the same order.
-            keep = pages[order[:n_keep]]
-    picked = cand[torch.isin(page_of, keep)]
+            keep = _rank_pages([density, page_max, recency])[:n_keep]
+    kept = torch.zeros(n_pages, dtype=torch.bool).index_fill_(0, keep, True)
+    picked = cand[kept.index_select(0, local)]
     return done(picked, fallback)
 
 
@@ -178,7 +182,8 @@ def needs_fallback(
     """True when the indexer looks unsure: no candidate clears the threshold and the recency tail
     holds less than `tail_mass_floor` of the attention mass (the answer is likely far back).
 
-    `scores` are the candidate chunks' scores (``scores[candidate_chunks(n, params)]``); with no
+    `scores` are the candidate chunks' scores (`candidate_chunks` is a contiguous range, so a
+    slice ``scores[c[0]:c[-1]+1]`` of the request's scores); with no
     candidates there is nothing to widen, so False. The caller then passes ``widen=True`` to
     `select_chunks` for the next window.
     """
