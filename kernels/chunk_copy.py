@@ -8,9 +8,10 @@ host slots is one contiguous copy. The device pool is SGLang's, per layer
 On CUDA a window's misses move as: one async copy per run of consecutive host slots
 (pinned memory -> a device staging tensor) on a side stream, then per layer one
 ``index_copy_`` of K and of V into the pool, and an event the decode stream waits on
-before it reads those pages. Device -> host is the mirror image, and its side stream
-first waits for the current stream so the KV just written by the forward pass is
-complete. On CPU (or with ``backend="torch"``) plain indexing does the same, exactly.
+before it reads those pages. Device -> host is the mirror image. In both directions
+the side stream first waits for the work already queued on the caller's current
+stream (the forward pass that wrote the KV, the decode steps that still read pages
+being refilled), and overlaps with everything queued after the call. On CPU (or with ``backend="torch"``) plain indexing does the same, exactly.
 
 Safety rules for callers: a device page may be written only when no attention read
 of it is in flight, and the host slots (or device pages) copied into may be read only
@@ -110,6 +111,9 @@ def _device_index(values: List[int], device: torch.device) -> torch.Tensor:
 def _copy_to_device_cuda(host: torch.Tensor, host_slots: List[int], k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor], device_pages: List[int], chunk: int, stream: "torch.cuda.Stream") -> "torch.cuda.Event":
     device = k_buffers[0].device
     event = torch.cuda.Event()
+    # Pages being refilled were released by earlier decode steps whose reads may still
+    # be queued on the caller's stream: start after them, overlap with what follows.
+    stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         if host_slots:
             # Allocated on the side stream and only used there: no record_stream needed.
