@@ -485,12 +485,9 @@ def _gguf_metadata(gguf_path: Path) -> dict[str, Any]:
     except ImportError:  # other transformers versions: gguf's own reader, slower but public
         import gguf
 
+        big_arrays = {f"tokenizer.ggml.{k}" for k in ("tokens", "merges", "token_type", "scores")}
         reader = gguf.GGUFReader(str(gguf_path))
-        return {
-            key: field.contents()
-            for key, field in reader.fields.items()
-            if not key.startswith(("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type", "tokenizer.ggml.scores"))
-        }
+        return {key: field.contents() for key, field in reader.fields.items() if key not in big_arrays}
 
 
 def _fix_pre_tokenizer(tokenizer: Any, pre: str | None) -> bool:
@@ -572,7 +569,9 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     config = AutoConfig.from_pretrained(src_dir, gguf_file=src_name)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    loaded = load_gguf_checkpoint(str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32)
+    loaded = load_gguf_checkpoint(
+        str(gguf_path), return_tensors=True, model_to_load=skeleton, torch_dtype=torch.float32
+    )
     tensors: dict[str, torch.Tensor] = loaded["tensors"]
     del skeleton, loaded
     _say(f"dequantized {len(tensors)} tensors in {time.monotonic() - t0:.1f} s")
@@ -582,12 +581,13 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     allowed_missing = set() if has_output else {"lm_head.weight"}
-    if unexpected or set(missing) - allowed_missing:
+    not_loaded = sorted(set(missing) - allowed_missing)
+    if unexpected or not_loaded:
         raise AssetError(
-            f"GGUF tensors do not match {type(model).__name__}: missing {sorted(set(missing) - allowed_missing)}, "
-            f"unexpected {sorted(unexpected)}"
+            f"GGUF tensors do not match {type(model).__name__}: missing {not_loaded}, unexpected {sorted(unexpected)}"
         )
-    if not has_output and model.get_output_embeddings().weight.data_ptr() != model.get_input_embeddings().weight.data_ptr():
+    head, embed = model.get_output_embeddings().weight, model.get_input_embeddings().weight
+    if not has_output and head.data_ptr() != embed.data_ptr():
         raise AssetError("GGUF has no output.weight but the head did not get tied to the embeddings")
     for pname, param in model.named_parameters():
         if not torch.isfinite(param).all():
