@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
 
-from lsa_sglang.kernels import as_pages, contiguous_runs, copy_chunks_to_device, copy_chunks_to_host, host_mirror_shape
+if not torch.cuda.is_available():  # before triton's first import; see test_kernels_triton_decode.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from lsa_sglang.kernels import as_pages, contiguous_runs, copy_chunks_to_device, copy_chunks_to_host, host_mirror_shape  # noqa: E402
 
 LAYERS, CHUNK, HKV, DIM = 3, 4, 2, 8
 HOST_SLOTS, DEVICE_PAGES = 10, 8

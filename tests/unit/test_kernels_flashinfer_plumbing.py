@@ -10,15 +10,21 @@ buffers and returns a base-2 lse.
 
 from __future__ import annotations
 
-import math
-import sys
-import types
+import os
 
-import pytest
 import torch
 
-from lsa_sglang.kernels import FlashInferSparseDecoder, resolve_backend, sparse_decode, sparse_decode_torch
-from lsa_sglang.kernels.testing import make_paged_problem
+if not torch.cuda.is_available():  # before triton's first import; see test_kernels_triton_decode.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+import sys  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+from lsa_sglang.kernels import FlashInferSparseDecoder, resolve_backend, sparse_decode, sparse_decode_torch  # noqa: E402
+from lsa_sglang.kernels.testing import make_paged_problem  # noqa: E402
 
 
 class FakeDecodeWrapper:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import math
+import os
 
-import pytest
 import torch
 
-from lsa_sglang.kernels import (
+if not torch.cuda.is_available():  # before triton's first import; see test_kernels_triton_decode.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+
+from lsa_sglang.kernels import (  # noqa: E402
     add_sinks_,
     as_pages,
     merge_states,
@@ -15,7 +21,7 @@ from lsa_sglang.kernels import (
     sparse_decode_torch,
     tokens_per_request,
 )
-from lsa_sglang.kernels.testing import dense_attention_float64, make_paged_problem
+from lsa_sglang.kernels.testing import dense_attention_float64, make_paged_problem  # noqa: E402
 
 
 def _poisoned(problem):
