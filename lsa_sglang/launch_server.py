@@ -157,6 +157,13 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
             "LSA keeps one chunk per KV page: drop --page-size or make them equal"
         )
 
+    if backend in (None, "lsa"):
+        if not _has_flag(argv, "--radix-cache-backend"):
+            argv += ["--radix-cache-backend", "lsa"]
+        if config.enabled and not _has_flag(argv, "--disable-radix-cache"):
+            # The tree does not track chunk residency yet: LSA rows must not be shared.
+            argv.append("--disable-radix-cache")
+
     if not cuda_available():
         os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
         if not _has_flag(argv, "--device"):

@@ -1,16 +1,25 @@
 """The one place that touches SGLang internals: registration through `sglang.srt.plugins`.
 
 SGLang calls `register()` early in every process it starts (CLI, Engine, scheduler,
-detokenizer). Everything here is idempotent.
+detokenizer). It registers:
+- the `lsa` attention backend (lsa_sglang.attention.backend),
+- the `lsa` radix cache backend (lsa_sglang.memory.radix),
+- hooks: per-request overrides and admission checks when a `Req` is built, LSA stats in the
+  scheduler's internal state,
+- the `GET /lsa/stats` route on SGLang's HTTP app (in the launcher process).
+Everything here is idempotent.
 """
 
 from __future__ import annotations
 
 import logging
+import multiprocessing
 
 logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "lsa"
+OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_budget, threshold, enabled}
+OVERRIDABLE = ("policy", "page_budget", "threshold", "enabled", "min_pages")
 _registered = False
 
 
@@ -20,6 +29,8 @@ def register() -> None:
         return
     from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
     from sglang.srt.layers.attention.attention_registry import register_attention_backend
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     @register_attention_backend(BACKEND_NAME)
     def _create_lsa_backend(runner):
@@ -29,8 +40,98 @@ def register() -> None:
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
+
+    def _radix(ctx):
+        from lsa_sglang.memory.radix import create_lsa_radix_cache
+
+        return create_lsa_radix_cache(ctx)
+
+    register_radix_cache_backend(BACKEND_NAME, _radix)
+    HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _after_req_init, HookType.AFTER)
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler_components.internal_state."
+        "SchedulerInternalStateController.get_internal_state",
+        _after_internal_state,
+        HookType.AFTER,
+    )
+    if multiprocessing.current_process().name == "MainProcess":
+        _add_http_routes()
     _registered = True
-    logger.debug("lsa-sglang plugin registered")
+
+
+def _manager():
+    from lsa_sglang.attention.backend import active_backend
+
+    backend = active_backend()
+    return None if backend is None else backend.manager
+
+
+def parse_overrides(custom_params) -> dict:
+    """`custom_params["lsa"]` -> validated LSAConfig changes (raises LSAConfigError)."""
+    from lsa_sglang.config import LSAConfig, LSAConfigError
+
+    if not isinstance(custom_params, dict) or OVERRIDE_KEY not in custom_params:
+        return {}
+    over = custom_params[OVERRIDE_KEY]
+    if not isinstance(over, dict):
+        raise LSAConfigError("lsa request override: expected a mapping under custom_params['lsa']")
+    bad = sorted(set(over) - set(OVERRIDABLE))
+    if bad:
+        raise LSAConfigError(
+            f"lsa request override '{bad[0]}': not overridable per request; allowed: " + ", ".join(OVERRIDABLE)
+        )
+    LSAConfig().replace(**over)  # validates each value
+    return dict(over)
+
+
+def _after_req_init(result, req, *args, **kwargs):
+    m = _manager()
+    if m is None:
+        return result
+    from lsa_sglang.config import LSAConfigError
+
+    try:
+        over = parse_overrides(getattr(req.sampling_params, "custom_params", None))
+        m.config.replace(**over)  # the combination must be valid too
+    except LSAConfigError as e:
+        req.set_finish_with_abort(str(e))
+        return result
+    if over:
+        m.overrides[req.rid] = over
+    if m.config.replace(**over).enabled:
+        need = len(req.origin_input_ids) // m.cs + 1
+        if need > m.host.capacity:
+            req.set_finish_with_abort(
+                f"lsa: prompt of {len(req.origin_input_ids)} tokens needs {need} host chunks "
+                f"({need * m.page_bytes / 2**30:.2f} GiB); host_pool_gb allows {m.host.capacity} "
+                f"({m.host.capacity * m.page_bytes / 2**30:.2f} GiB)"
+            )
+    return result
+
+
+def _after_internal_state(result, *args, **kwargs):
+    m = _manager()
+    if m is not None:
+        result.internal_state["lsa"] = m.stats()
+    return result
+
+
+def _add_http_routes() -> None:
+    try:
+        from fastapi.responses import JSONResponse
+        from sglang.srt.entrypoints import http_server
+    except Exception:  # an SGLang process without the HTTP server
+        return
+
+    async def lsa_stats():
+        states = await http_server._global_state.tokenizer_manager.get_internal_state()
+        lsa = [s.get("lsa") for s in states if s.get("lsa") is not None]
+        if not lsa:
+            return JSONResponse({"error": "the lsa attention backend is not active"}, status_code=404)
+        return JSONResponse(lsa[0] if len(lsa) == 1 else {"ranks": lsa})
+
+    if not any(getattr(r, "path", None) == "/lsa/stats" for r in http_server.app.routes):
+        http_server.app.add_api_route("/lsa/stats", lsa_stats, methods=["GET"])
 
 
 def is_registered() -> bool:

@@ -1,23 +1,168 @@
-"""The `lsa` attention backend: dense prefill with stock kernels, decode through LSA."""
+"""The `lsa` attention backend: dense prefill with stock kernels, decode through LSA.
+
+Decode reads, per request, only the positions its chunk table lists as resident (sink,
+selected chunks, recency tail and the not-yet-mirrored tail), through one dispatch point:
+- `torch` (and `auto` without CUDA): SGLang's own SDPA over the gathered slots, so a request
+  whose every chunk is resident gets exactly stock `torch_native` numerics (gate-off exact);
+- `triton` / `flashinfer` (and `auto` on CUDA): `lsa_sglang.kernels.sparse_decode` over the
+  resident pages (CSR page lists, last page partial).
+Requests with LSA off (config or per-request override) take the stock path.
+"""
 
 from __future__ import annotations
 
 import logging
 
+import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+from torch.nn.functional import scaled_dot_product_attention
 
 from lsa_sglang.config import LSAConfig
+from lsa_sglang.kernels import as_pages, sparse_decode
 
 logger = logging.getLogger(__name__)
+
+_ACTIVE: "LSAAttnBackend | None" = None  # the scheduler process's backend (stats, release hooks)
+
+
+def active_backend() -> "LSAAttnBackend | None":
+    return _ACTIVE
 
 
 class LSAAttnBackend(TorchNativeAttnBackend):
     def __init__(self, model_runner, config: LSAConfig) -> None:
         super().__init__(model_runner)
         self.config = config
+        self.manager = build_manager(model_runner, config)
+        self._tables: list | None = None  # per request of the current decode batch
+        self._read: list[torch.Tensor | None] = []
+        self._csr = None
+
+    # -- per forward -----------------------------------------------------------------------
+    def init_forward_metadata(self, forward_batch) -> None:
+        super().init_forward_metadata(forward_batch)
+        self._tables = None
+        if self.manager is None:
+            return
+        capture = self.manager.capture
+        capture.commit()
+        idxs = forward_batch.req_pool_indices.tolist()
+        mode = forward_batch.forward_mode
+        if mode.is_decode():
+            seq_lens = forward_batch.seq_lens.tolist()
+            rids = forward_batch.rids or [str(i) for i in idxs]
+            tables = self.manager.prepare_decode(idxs, seq_lens, rids)
+            if any(t is not None for t in tables):
+                self._tables = tables
+                self._plan(forward_batch, tables, idxs, seq_lens)
+            capture.expect(idxs, list(range(len(idxs))))
+        elif mode.is_extend():
+            ends = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
+            capture.expect(idxs, ends.tolist())
+
+    def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
+        """Once per forward: what each request reads (token slots, or CSR pages for kernels)."""
+        r2t = self.req_to_token_pool.req_to_token
+        self._read = []
+        for table, idx, seq_len in zip(tables, idxs, seq_lens):
+            if table is None:
+                self._read.append(r2t[idx, :seq_len])
+            else:
+                self._read.append(r2t[idx].index_select(0, self.manager.read_positions(table, seq_len)))
+        self._csr = None
+        if self._use_kernels():
+            cs = self.config.chunk_size
+            pages = [slots[::cs] // cs for slots in self._read]
+            counts = torch.tensor([len(p) for p in pages])
+            indptr = torch.zeros(len(pages) + 1, dtype=torch.int32)
+            indptr[1:] = torch.cumsum(counts, 0)
+            last = torch.tensor([len(s) - (len(p) - 1) * cs for s, p in zip(self._read, pages)],
+                                dtype=torch.int32)
+            dev = self.device
+            self._csr = (indptr.to(dev), torch.cat(pages).to(torch.int32).to(dev), last.to(dev))
+
+    def _use_kernels(self) -> bool:
+        k = self.config.kernel
+        return k in ("triton", "flashinfer") or (k == "auto" and torch.device(self.device).type == "cuda")
+
+    # -- decode ----------------------------------------------------------------------------
+    def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self._tables is None or layer.is_cross_attention:
+            return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache)
+        q = q.reshape(-1, layer.tp_q_head_num * layer.qk_head_dim)
+        o = q.new_empty((q.shape[0], layer.tp_q_head_num * layer.v_head_dim))
+        if save_kv_cache and k is not None and v is not None:
+            self.token_to_kv_pool.set_kv_buffer(
+                layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v
+            )
+        q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
+        o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+        v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+        if self._csr is not None:
+            cs = self.config.chunk_size
+            indptr, indices, last = self._csr
+            sparse_decode(
+                q_, as_pages(k_cache, cs), as_pages(v_cache, cs), indptr, indices, last,
+                layer.scaling, out=o_, backend=self.config.kernel,
+            )
+            return o
+        gqa = layer.tp_q_head_num != layer.tp_k_head_num
+        for i, slots in enumerate(self._read):
+            qi = q_[i : i + 1].movedim(0, 1).unsqueeze(0)  # [1, H, 1, D]
+            ki = k_cache.index_select(0, slots).movedim(0, 1).unsqueeze(0).to(qi.dtype)
+            vi = v_cache.index_select(0, slots).movedim(0, 1).unsqueeze(0).to(qi.dtype)
+            out = scaled_dot_product_attention(qi, ki, vi, enable_gqa=gqa, scale=layer.scaling)
+            o_[i] = out[0, :, 0, :]
+        return o
+
+
+def build_manager(model_runner, config: LSAConfig):
+    """The memory manager, or None for a model we cannot capture (dense then, with a warning)."""
+    from lsa_sglang.indexer import NeuralMemoryIndexer, load_indexer, spec_from_hf_config
+    from lsa_sglang.memory.manager import LSAMemoryManager
+    from lsa_sglang.models.adapter import (
+        HiddenCapture,
+        UnsupportedModel,
+        attention_modules,
+        backbone_query_weights,
+        default_target_layers,
+    )
+
+    model = model_runner.model
+    try:
+        mods = attention_modules(model)
+    except UnsupportedModel as e:
+        logger.warning("%s; lsa decodes densely", e)
+        return None
+    layers = config.target_layers or default_target_layers(len(mods))
+    hf_config = model_runner.model_config.hf_config
+    model_id = str(getattr(model_runner.model_config, "model_path", "") or "").rstrip("/").split("/")[-1]
+    spec = spec_from_hf_config(
+        hf_config, model_id, tuple(layers), config.chunk_size, config.tau, config.threshold
+    )
+    attn0 = mods[layers[0]]
+    heads, head_dim = attn0.num_heads, attn0.head_dim
+    if config.indexer_checkpoint:
+        indexer = load_indexer(config.indexer_checkpoint, expected=spec, device=model_runner.device)
+    else:
+        import dataclasses
+
+        spec = dataclasses.replace(spec, prenormed=True, q_bias=mods[layers[0]].qkv_proj.bias is not None,
+                                   num_heads=heads, head_dim=head_dim)
+        ws, bs = zip(*(backbone_query_weights(mods[l], heads, head_dim) for l in layers))
+        indexer = NeuralMemoryIndexer.from_backbone(
+            spec, [w.float() for w in ws], None if bs[0] is None else [b.float() for b in bs]
+        ).to(model_runner.device)
+    indexer.eval()
+    capture = HiddenCapture(model, tuple(layers))
+    return LSAMemoryManager(config, model_runner, capture, indexer)
 
 
 def create_backend(model_runner) -> LSAAttnBackend:
+    global _ACTIVE
     config = LSAConfig.from_env()
     logger.info("lsa attention backend: %s", config)
-    return LSAAttnBackend(model_runner, config)
+    _ACTIVE = LSAAttnBackend(model_runner, config)
+    return _ACTIVE

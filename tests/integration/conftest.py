@@ -19,7 +19,7 @@ import pytest
 import requests
 
 ROOT = Path(__file__).parents[2]
-PRESET = ROOT / "server_configs/cpu-smollm2.yaml"
+PRESET = Path(__file__).parent / "lsa-test.yaml"
 START_TIMEOUT_S = 420
 
 

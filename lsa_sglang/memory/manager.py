@@ -1,0 +1,425 @@
+"""LSAMemoryManager: per-request chunk tables over SGLang's own KV pool and a host mirror.
+
+Residency lives in one place, SGLang's `req_to_token` row: a mirrored chunk whose cell was
+released has its row entries set to slot 0 (SGLang's reserved padding page, never allocated),
+a resident chunk points at a page the request owns. Attention reads only the pages the table
+lists as resident; the release path (LSARadixCache.free_kv_row) frees only owned pages.
+
+Per request (single TP rank; the scheduler runs this in its own process):
+- admission (first decode step after prefill): every complete chunk is written through to the
+  host mirror, its frozen key is computed, the indexer scores the chunks from the prefill's last
+  hidden states, and the cells of chunks outside the resident set go back to SGLang's allocator.
+- every `tau` decode steps (window boundary): the previously prefetched set is swapped in
+  (a copy still running is waited for and counted as a stall), evicted cells are released,
+  newly completed chunks are mirrored, and the next set is selected from the current hidden
+  states; its misses get cells from SGLang's allocator and are copied by the Prefetcher
+  while the next window decodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from lsa_sglang.config import LSAConfig
+from lsa_sglang.indexer import SelectionParams, needs_fallback, select_chunks
+from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
+from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
+from lsa_sglang.memory.prefetcher import Prefetcher
+
+logger = logging.getLogger(__name__)
+
+SENTINEL_SLOT = 0  # slot of SGLang's reserved padding page: marks a released chunk in req_to_token
+FINISHED_KEPT = 32
+
+
+@dataclass
+class RequestStats:
+    rid: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    device_kv_bytes: int = 0
+    peak_device_kv_bytes: int = 0
+    full_kv_bytes: int = 0
+    host_kv_bytes: int = 0
+    resident_ratio: float = 1.0
+    windows: int = 0
+    chunks_copied: int = 0
+    bytes_copied: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    indexer_seconds: float = 0.0
+    fallbacks: int = 0
+    policy: str = "indexer"
+    lsa_enabled: bool = True
+    finished: bool = False
+
+
+@dataclass
+class Pending:
+    """The next window's resident set, its cells being filled by the prefetcher."""
+
+    resident: set[int]
+    new_pages: dict[int, int]  # chunk id -> device page being filled
+    future: Future | None
+
+
+@dataclass
+class ChunkTable:
+    """One request's chunks: host slot of each mirrored chunk, which ones have device cells."""
+
+    rid: str
+    req_pool_idx: int
+    config: LSAConfig
+    prompt_tokens: int
+    host_slots: list[int] = field(default_factory=list)  # index = chunk id
+    resident: set[int] = field(default_factory=set)  # mirrored chunks with a device cell
+    keys: list[torch.Tensor] = field(default_factory=list)  # per chunk [L, Hk, Dh]
+    kmin: list[torch.Tensor] = field(default_factory=list)
+    kmax: list[torch.Tensor] = field(default_factory=list)
+    steps: int = 0  # decode steps since the last window boundary
+    widen_next: bool = False
+    pending: Pending | None = None
+    stats: RequestStats | None = None
+
+    @property
+    def mirrored(self) -> int:
+        return len(self.host_slots)
+
+    def check_integrity(self, req_to_token_row: torch.Tensor, chunk_size: int) -> None:
+        assert len(set(self.host_slots)) == len(self.host_slots)
+        assert self.resident <= set(range(self.mirrored))
+        starts = req_to_token_row[: self.mirrored * chunk_size : chunk_size].tolist()
+        for c, slot in enumerate(starts):
+            if c in self.resident:
+                assert slot != SENTINEL_SLOT and slot % chunk_size == 0, (c, slot)
+            else:
+                assert slot == SENTINEL_SLOT, (c, slot)
+
+
+class LSAMemoryManager:
+    def __init__(self, config: LSAConfig, model_runner, capture, indexer) -> None:
+        self.config = config
+        self.cs = config.chunk_size
+        self.req_to_token = model_runner.req_to_token_pool.req_to_token
+        pool = model_runner.token_to_kv_pool
+        self.k_buffers = [pool.get_key_buffer(i) for i in range(pool.layer_num)]
+        self.v_buffers = [pool.get_value_buffer(i) for i in range(pool.layer_num)]
+        self.allocator = model_runner.token_to_kv_pool_allocator
+        self.device = self.k_buffers[0].device
+        num_layers, (_, hk, dh) = len(self.k_buffers), self.k_buffers[0].shape
+        self.page_bytes = 2 * num_layers * self.cs * hk * dh * self.k_buffers[0].dtype.itemsize
+        self.host = HostMirror(
+            num_layers, self.cs, hk, dh, self.k_buffers[0].dtype, config.host_pool_bytes,
+            pin=self.device.type == "cuda",
+        )
+        self.capture = capture  # models.adapter.HiddenCapture
+        self.indexer = indexer
+        self.target_layers = list(capture.layers)
+        self.prefetcher = Prefetcher()
+        self.tables: dict[int, ChunkTable] = {}
+        self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
+        self.server = {
+            "requests_served": 0, "windows": 0, "chunks_copied": 0, "bytes_copied": 0,
+            "stalls": 0, "stall_seconds": 0.0, "indexer_seconds": 0.0, "fallbacks": 0,
+            "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
+        }
+        self.overrides: dict[str, dict[str, Any]] = {}  # rid -> per-request LSA overrides
+
+    # -- per forward -------------------------------------------------------------------
+    def prepare_decode(self, req_pool_indices: list[int], seq_lens: list[int], rids: list[str]):
+        """Called once per decode forward, before any layer runs. Returns per request the
+        table (None: dense) that attention reads from."""
+        tables = []
+        for i, (idx, seq_len, rid) in enumerate(zip(req_pool_indices, seq_lens, rids)):
+            table = self.tables.get(idx)
+            if table is not None and table.rid != rid:  # stale (released without our hook)
+                self.release(idx)
+                table = None
+            if table is None:
+                table = self._admit(idx, rid, seq_len)
+            elif table.config.enabled:
+                table.steps += 1
+                if table.steps >= table.config.tau:
+                    self._boundary(table, seq_len)
+            self._account(table, seq_len)
+            tables.append(table if table.config.enabled else None)
+        return tables
+
+    def _config_for(self, rid: str) -> LSAConfig:
+        over = self.overrides.get(rid)
+        return self.config.replace(**over) if over else self.config
+
+    def _admit(self, idx: int, rid: str, seq_len: int) -> ChunkTable:
+        config = self._config_for(rid)
+        prompt = seq_len - 1
+        table = ChunkTable(rid, idx, config, prompt, stats=RequestStats(rid, prompt_tokens=prompt))
+        table.stats.policy, table.stats.lsa_enabled = config.policy, config.enabled
+        self.tables[idx] = table
+        self.server["requests_served"] += 1
+        if not config.enabled:
+            return table
+        self._mirror_new_chunks(table, seq_len)
+        selection = self._select(table, seq_len)
+        if selection is not None:
+            self._apply(table, selection, new_pages={})
+        return table
+
+    def _boundary(self, table: ChunkTable, seq_len: int) -> None:
+        table.steps = 0
+        st = table.stats
+        st.windows += 1
+        self.server["windows"] += 1
+        if table.pending is not None:
+            pending, table.pending = table.pending, None
+            if pending.future is not None:
+                waited = self.prefetcher.wait(pending.future)
+                if waited > 0:
+                    st.stalls += 1
+                    st.stall_seconds += waited
+                    self.server["stalls"] += 1
+                    self.server["stall_seconds"] += waited
+            self._apply(table, pending.resident, pending.new_pages)
+        self._mirror_new_chunks(table, seq_len)
+        selection = self._select(table, seq_len)
+        if selection is not None:
+            self._start_prefetch(table, selection)
+        logger.debug(
+            "lsa window rid=%s seq=%d mirrored=%d resident=%d next=%s stalls=%d",
+            table.rid, seq_len, table.mirrored, len(table.resident),
+            None if table.pending is None else len(table.pending.resident), st.stalls,
+        )
+
+    # -- selection ---------------------------------------------------------------------
+    def _select(self, table: ChunkTable, seq_len: int) -> set[int] | None:
+        n = table.mirrored
+        config = table.config
+        params = SelectionParams.from_config(config)
+        scores = None
+        t = time.perf_counter()
+        if config.policy in ("indexer", "quest") and n > 0:
+            hidden = self.capture.last_hidden(table.req_pool_idx)
+            if hidden is not None:
+                scores, tail_mass = self._score(table, hidden, seq_len - 1, config.policy)
+        dt = time.perf_counter() - t
+        table.stats.indexer_seconds += dt
+        self.server["indexer_seconds"] += dt
+        widen = table.widen_next
+        table.widen_next = False
+        if scores is None and config.policy in ("indexer", "quest"):
+            # no hidden state captured (cannot happen after a real forward): keep everything
+            return set(range(n))
+        sel = select_chunks(n, params, scores=scores, rng=config.seed + n, widen=widen)
+        if sel.fallback:
+            table.stats.fallbacks += 1
+            self.server["fallbacks"] += 1
+        if config.policy == "indexer" and config.needle_fallback and scores is not None:
+            forced = set(sel.forced.tolist())
+            cand = [c for c in range(n) if c not in forced]
+            if cand:
+                table.widen_next = needs_fallback(
+                    scores[cand[0] : cand[-1] + 1], config.threshold, tail_mass
+                )
+        return set(sel.resident.tolist())
+
+    def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
+        keys = torch.stack(table.keys)  # [N, L, Hk, Dh]
+        pos = torch.tensor([position], device=hidden.device)
+        with torch.no_grad():
+            q, w = self.indexer(hidden[None].to(self.indexer_dtype), pos)
+            logits = self.indexer.layer_logits(q, w, keys.to(q.dtype))[0]  # [L, N]
+            if policy == "quest":
+                from lsa_sglang.indexer import quest_scores
+
+                kmin, kmax = torch.stack(table.kmin), torch.stack(table.kmax)
+                per_layer = torch.stack([
+                    quest_scores(q[0, l], kmin[:, l], kmax[:, l]) for l in range(q.shape[1])
+                ])
+                scores = per_layer.max(dim=0).values
+            else:
+                probs = torch.sigmoid(logits)
+                scores = probs.max(0).values if table.config.ensemble == "max" else probs.mean(0)
+            # Proxy for the attention mass on the recency tail: softmax of the layer-mean
+            # logits over chunks, mass of the last `recent_chunks`.
+            mass = torch.softmax(logits.mean(0), 0)
+            rc = table.config.recent_chunks
+            tail_mass = float(mass[-rc:].sum()) if rc > 0 else 0.0
+        return scores.float().cpu(), min(max(tail_mass, 0.0), 1.0)
+
+    @property
+    def indexer_dtype(self) -> torch.dtype:
+        return next(self.indexer.parameters()).dtype
+
+    # -- residency changes -------------------------------------------------------------
+    def _mirror_new_chunks(self, table: ChunkTable, seq_len: int) -> None:
+        """Write through every chunk completed since the last call (written KV = seq_len - 1)."""
+        complete = (seq_len - 1) // self.cs
+        new = list(range(table.mirrored, complete))
+        if not new:
+            return
+        try:
+            slots = self.host.alloc(len(new))
+        except HostMirrorFull:
+            # Admission refuses prompts that can never fit; under concurrent load the newest
+            # chunks simply stay on the device (they are read as part of the tail).
+            self.server["host_full"] += 1
+            return
+        row = self.req_to_token[table.req_pool_idx]
+        pages = [int(row[c * self.cs]) // self.cs for c in new]
+        copy_chunks_to_host(self.k_buffers, self.v_buffers, pages, self.host.buffer, slots)
+        keys, kmin, kmax = self._chunk_keys(torch.tensor(pages, device=self.device))
+        table.keys.extend(keys.unbind(0))
+        table.kmin.extend(kmin.unbind(0))
+        table.kmax.extend(kmax.unbind(0))
+        table.host_slots.extend(slots)
+        table.resident.update(new)
+        table.stats.host_kv_bytes = table.mirrored * self.page_bytes
+
+    def _chunk_keys(self, pages: torch.Tensor):
+        """Frozen keys of whole chunks at the target layers: mean, min, max post-RoPE key."""
+        ks = []
+        for layer in self.target_layers:
+            k = self.k_buffers[layer]
+            ks.append(k.view(-1, self.cs, *k.shape[1:]).index_select(0, pages).float())
+        k = torch.stack(ks, dim=1)  # [N, L, cs, Hk, Dh]
+        return k.mean(2), k.amin(2), k.amax(2)
+
+    def _page_slots(self, pages: list[int]) -> torch.Tensor:
+        p = torch.tensor(pages, dtype=torch.int64, device=self.device)
+        return (p[:, None] * self.cs + torch.arange(self.cs, device=self.device)).reshape(-1)
+
+    def _set_rows(self, idx: int, chunks: list[int], pages: list[int] | None) -> None:
+        row = self.req_to_token[idx]
+        for i, c in enumerate(chunks):
+            if pages is None:
+                row[c * self.cs : (c + 1) * self.cs] = SENTINEL_SLOT
+            else:
+                row[c * self.cs : (c + 1) * self.cs] = torch.arange(
+                    pages[i] * self.cs, (pages[i] + 1) * self.cs, dtype=row.dtype, device=row.device
+                )
+
+    def _free_pages(self, pages: list[int]) -> None:
+        if not pages:
+            return
+        slots = self._page_slots(pages)
+        if self.config.poison_released:
+            for k, v in zip(self.k_buffers, self.v_buffers):
+                k.index_fill_(0, slots, float("nan"))
+                v.index_fill_(0, slots, float("nan"))
+        self.allocator.free(slots)
+
+    def _apply(self, table: ChunkTable, resident: set[int], new_pages: dict[int, int]) -> None:
+        """Swap `resident` in: prefetched cells become visible, evicted ones are released."""
+        idx = table.req_pool_idx
+        evict = sorted(table.resident - resident)
+        row = self.req_to_token[idx]
+        evicted_pages = [int(row[c * self.cs]) // self.cs for c in evict]
+        self._set_rows(idx, evict, None)
+        self._free_pages(evicted_pages)
+        arrive = sorted(new_pages)
+        self._set_rows(idx, arrive, [new_pages[c] for c in arrive])
+        table.resident = (table.resident - set(evict)) | set(arrive)
+
+    def _start_prefetch(self, table: ChunkTable, resident: set[int]) -> None:
+        misses = sorted(resident - table.resident)
+        new_pages: dict[int, int] = {}
+        if misses:
+            got = self.allocator.alloc(len(misses) * self.cs)
+            if got is None:
+                # Device pool exhausted: keep what is resident, fetch nothing this window.
+                self.server["alloc_denied"] += 1
+                resident = resident & table.resident
+                misses = []
+            else:
+                pages = got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
+                new_pages = dict(zip(misses, pages))
+        future = None
+        if misses:
+            slots = [table.host_slots[c] for c in misses]
+            pages = [new_pages[c] for c in misses]
+            host, kb, vb = self.host.buffer, self.k_buffers, self.v_buffers
+            future = self.prefetcher.submit(lambda: copy_chunks_to_device(host, slots, kb, vb, pages))
+            n = len(misses)
+            table.stats.chunks_copied += n
+            table.stats.bytes_copied += n * self.page_bytes
+            self.server["chunks_copied"] += n
+            self.server["bytes_copied"] += n * self.page_bytes
+        table.pending = Pending(resident, new_pages, future)
+
+    # -- what attention reads ----------------------------------------------------------
+    def read_positions(self, table: ChunkTable, seq_len: int) -> torch.Tensor:
+        """Token positions attention reads: resident mirrored chunks + everything after them."""
+        cs = self.cs
+        res = sorted(table.resident)
+        parts = [torch.arange(c * cs, (c + 1) * cs) for c in res]
+        parts.append(torch.arange(table.mirrored * cs, seq_len))
+        return torch.cat(parts).to(self.device)
+
+    def _account(self, table: ChunkTable, seq_len: int) -> None:
+        st = table.stats
+        st.output_tokens = seq_len - table.prompt_tokens
+        total_pages = -(-seq_len // self.cs)
+        st.full_kv_bytes = total_pages * self.page_bytes
+        if not table.config.enabled:
+            device_pages = total_pages
+        else:
+            pending = len(table.pending.new_pages) if table.pending else 0
+            device_pages = len(table.resident) + (total_pages - table.mirrored) + pending
+        st.device_kv_bytes = device_pages * self.page_bytes
+        st.peak_device_kv_bytes = max(st.peak_device_kv_bytes, st.device_kv_bytes)
+        st.resident_ratio = device_pages / max(total_pages, 1)
+        self.server["peak_device_kv_bytes"] = max(
+            self.server["peak_device_kv_bytes"],
+            sum(t.stats.device_kv_bytes for t in self.tables.values()),
+        )
+
+    # -- release -----------------------------------------------------------------------
+    def released_ranges(self, idx: int) -> list[tuple[int, int]]:
+        """Row position ranges of chunks that own no device page (not to be freed by SGLang)."""
+        table = self.tables.get(idx)
+        if table is None:
+            return []
+        gone = sorted(set(range(table.mirrored)) - table.resident)
+        return [(c * self.cs, (c + 1) * self.cs) for c in gone]
+
+    def release(self, idx: int) -> None:
+        """The request ended (finished, aborted, retracted): host slots and prefetched cells go back."""
+        table = self.tables.pop(idx, None)
+        if table is None:
+            return
+        if table.pending is not None:
+            if table.pending.future is not None:
+                self.prefetcher.wait(table.pending.future)
+            self._free_pages(list(table.pending.new_pages.values()))
+            table.pending = None
+        self.host.free(table.host_slots)
+        table.stats.finished = True
+        self.finished.append(table.stats)
+        self.overrides.pop(table.rid, None)
+        self.capture.forget(idx)
+
+    # -- observability -----------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        running = [asdict(t.stats) for t in self.tables.values()]
+        server = dict(self.server)
+        server.update(
+            device_kv_bytes=sum(r["device_kv_bytes"] for r in running),
+            full_kv_bytes=sum(r["full_kv_bytes"] for r in running),
+            host_kv_bytes=self.host.used_slots * self.page_bytes,
+            host_capacity_bytes=self.host.capacity * self.page_bytes,
+            running_requests=len(running),
+            device_free_tokens=int(self.allocator.available_size()),
+        )
+        server["resident_ratio"] = server["device_kv_bytes"] / max(server["full_kv_bytes"], 1)
+        return {"server": server, "requests": running + [asdict(s) for s in self.finished]}
+
+    def check_integrity(self) -> None:
+        self.host.check_integrity()
+        for idx, t in self.tables.items():
+            t.check_integrity(self.req_to_token[idx], self.cs)

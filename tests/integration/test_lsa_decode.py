@@ -1,0 +1,139 @@
+"""LSA decode on the real server: gate-off exactness, device footprint, no leaks, only
+resident cells read (released cells are NaN-poisoned by the test preset), batching, and a
+prompt the host mirror cannot hold."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import math
+import random
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.slow
+
+WORDS = ("river stone lamp orchard violet copper window meadow harbor pencil thunder "
+         "saddle lantern marble cedar falcon velvet glacier compass ember").split()
+
+
+def haystack_ids(server, n_tokens: int, seed: int) -> list[int]:
+    """A prompt of exactly n_tokens tokens: seeded word soup with a fact near the start."""
+    rng = random.Random(seed)
+    text = "Remember: the secret code is 4817. " + " ".join(rng.choice(WORDS) for _ in range(n_tokens))
+    ids = requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]
+    tail = requests.post(server.url + "/tokenize", json={"prompt": " Question: what is the secret code? Answer:"},
+                         timeout=60).json()["tokens"]
+    return ids[: n_tokens - len(tail)] + tail
+
+
+def greedy(server, ids, n=16, lsa=None, logprobs=False):
+    params = {"max_new_tokens": n, "temperature": 0, "ignore_eos": True}
+    if lsa is not None:
+        params["custom_params"] = {"lsa": lsa}
+    return server.generate({"input_ids": ids, "sampling_params": params, "return_logprob": logprobs})
+
+
+def stats(server) -> dict:
+    r = requests.get(server.url + "/lsa/stats", timeout=60)
+    r.raise_for_status()
+    return r.json()
+
+
+def wait_idle(server, timeout=120) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        s = stats(server)
+        if s["server"]["running_requests"] == 0:
+            return s
+        time.sleep(0.5)
+    raise AssertionError(f"requests still running: {s}")
+
+
+@pytest.fixture(scope="module")
+def baseline(lsa_server):
+    """Pool occupancy of the idle server (after a warm-up request)."""
+    greedy(lsa_server, [1, 2, 3], n=2)
+    return wait_idle(lsa_server)["server"]
+
+
+def test_gate_off_exact(lsa_server, stock_server):
+    ids = haystack_ids(lsa_server, 2000, seed=1)
+    stock = greedy(stock_server, ids)["output_ids"]
+    off = greedy(lsa_server, ids, lsa={"enabled": False})["output_ids"]
+    everything = greedy(lsa_server, ids, lsa={"page_budget": 1000})["output_ids"]
+    assert off == stock
+    assert everything == stock
+
+
+def test_footprint_at_7k_and_finite_outputs(lsa_server, baseline):
+    ids = haystack_ids(lsa_server, 7000, seed=2)
+    out = greedy(lsa_server, ids, n=32, logprobs=True)
+    lps = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+    assert all(math.isfinite(x) for x in lps)  # released cells hold NaN: none was read
+    rid = out["meta_info"]["id"]
+    req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == rid)
+    assert req["prompt_tokens"] == 7000 and req["output_tokens"] >= 31
+    assert req["windows"] >= 3
+    ratio = req["peak_device_kv_bytes"] / req["full_kv_bytes"]
+    assert ratio <= 0.15, req
+    assert req["host_kv_bytes"] >= 0.95 * req["full_kv_bytes"]  # the full KV is on the host
+
+
+def test_no_leak_after_finish_abort_and_disconnect(lsa_server, baseline):
+    ids = haystack_ids(lsa_server, 3000, seed=3)
+    greedy(lsa_server, ids, n=12)
+    # client disconnects in the middle of a streamed decode
+    body = {"input_ids": ids, "stream": True,
+            "sampling_params": {"max_new_tokens": 400, "temperature": 0, "ignore_eos": True}}
+    with requests.post(lsa_server.url + "/generate", json=body, stream=True, timeout=300) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i > 20:
+                break
+    # explicit abort of a running request
+    body["stream"] = False
+    body["rid"] = "lsa-abort-me"
+    with cf.ThreadPoolExecutor(1) as ex:
+        fut = ex.submit(requests.post, lsa_server.url + "/generate", json=body, timeout=300)
+        time.sleep(8)
+        requests.post(lsa_server.url + "/abort_request", json={"rid": "lsa-abort-me"}, timeout=30)
+        fut.result()
+    after = wait_idle(lsa_server)["server"]
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
+    assert after["host_kv_bytes"] == 0
+
+
+def test_concurrent_batch_matches_serial(lsa_server):
+    prompts = [haystack_ids(lsa_server, n, seed=10 + n) for n in (900, 2100, 3000)]
+    serial = [greedy(lsa_server, p, n=20)["output_ids"] for p in prompts]
+    with cf.ThreadPoolExecutor(len(prompts)) as ex:
+        together = list(ex.map(lambda p: greedy(lsa_server, p, n=20)["output_ids"], prompts))
+    assert together == serial
+
+
+def test_prompt_larger_than_host_pool_is_refused(lsa_server):
+    ids = haystack_ids(lsa_server, 8150, seed=4)
+    r = requests.post(lsa_server.url + "/generate", timeout=120,
+                      json={"input_ids": ids, "sampling_params": {"max_new_tokens": 4}})
+    body = r.json()
+    text = str(body)
+    assert "host_pool_gb allows" in text, body
+    # the server stays up and serves the next request
+    assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
+
+
+def test_bad_override_is_refused(lsa_server):
+    r = requests.post(lsa_server.url + "/generate", timeout=60, json={
+        "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "custom_params": {"lsa": {"policy": "oracle"}}}})
+    assert "one of indexer, recency, random, quest" in str(r.json())
+
+
+@pytest.mark.parametrize("policy", ["recency", "random", "quest"])
+def test_policies_share_budget(lsa_server, policy):
+    ids = haystack_ids(lsa_server, 3000, seed=5)
+    out = greedy(lsa_server, ids, n=10, lsa={"policy": policy}, logprobs=True)
+    assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+    req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    assert req["policy"] == policy
+    assert req["peak_device_kv_bytes"] < req["full_kv_bytes"] * 0.5
