@@ -4,7 +4,8 @@ SGLang calls `register()` early in every process it starts (CLI, Engine, schedul
 detokenizer). It registers:
 - the `lsa` attention backend (lsa_sglang.attention.backend),
 - the `lsa` radix cache backend (lsa_sglang.memory.radix),
-- hooks: per-request overrides and admission checks when a `Req` is built, LSA stats in the
+- hooks: per-request overrides and a refusal of prompts the host mirror can never hold when a
+  `Req` is built, host-mirror admission control in the prefill adder, LSA stats in the
   scheduler's internal state,
 - the `GET /lsa/stats` route on SGLang's HTTP app (in the launcher process).
 Everything here is idempotent.
@@ -53,6 +54,9 @@ def register() -> None:
         "SchedulerInternalStateController.get_internal_state",
         _after_internal_state,
         HookType.AFTER,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _around_add_one_req, HookType.AROUND
     )
     if multiprocessing.current_process().name == "MainProcess":
         _add_http_routes()
@@ -106,6 +110,19 @@ def _after_req_init(result, req, *args, **kwargs):
                 f"({need * m.page_bytes / 2**30:.2f} GiB); host_pool_gb allows {m.host.capacity} "
                 f"({m.host.capacity * m.page_bytes / 2**30:.2f} GiB)"
             )
+    return result
+
+
+def _around_add_one_req(original, adder, req, *args, **kwargs):
+    """A request whose host mirror would not fit now waits in the queue (never OOM)."""
+    m = _manager()
+    if m is not None and not m.try_reserve(req.rid, len(req.origin_input_ids)):
+        from sglang.srt.managers.schedule_policy import AddReqResult
+
+        return AddReqResult.OTHER
+    result = original(adder, req, *args, **kwargs)
+    if m is not None and req not in adder.can_run_list and getattr(adder, "new_chunked_req", None) is not req:
+        m.forget_request_reservation(req.rid)
     return result
 
 

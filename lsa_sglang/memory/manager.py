@@ -131,6 +131,11 @@ class LSAMemoryManager:
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
         }
         self.overrides: dict[str, dict[str, Any]] = {}  # rid -> per-request LSA overrides
+        # Host slots promised to requests admitted to prefill but not yet mirrored.
+        self.host_reserved: dict[str, int] = {}
+        from lsa_sglang.metrics import maybe_metrics
+
+        self.metrics = maybe_metrics()
 
     # -- per forward -------------------------------------------------------------------
     def prepare_decode(self, req_pool_indices: list[int], seq_lens: list[int], rids: list[str]):
@@ -144,6 +149,7 @@ class LSAMemoryManager:
                 table = None
             if table is None:
                 table = self._admit(idx, rid, seq_len)
+                self._publish()
             elif table.config.enabled:
                 table.steps += 1
                 if table.steps >= table.config.tau:
@@ -156,7 +162,23 @@ class LSAMemoryManager:
         over = self.overrides.get(rid)
         return self.config.replace(**over) if over else self.config
 
+    # -- admission -------------------------------------------------------------------------
+    def host_chunks_needed(self, prompt_tokens: int) -> int:
+        return prompt_tokens // self.cs + 1
+
+    def try_reserve(self, rid: str, prompt_tokens: int) -> bool:
+        """Admission control: a request enters prefill only if its mirror fits next to the
+        mirrors of running requests and of those admitted before it."""
+        if not self._config_for(rid).enabled or rid in self.host_reserved:
+            return True
+        need = self.host_chunks_needed(prompt_tokens)
+        if need > self.host.free_slots - sum(self.host_reserved.values()):
+            return False
+        self.host_reserved[rid] = need
+        return True
+
     def _admit(self, idx: int, rid: str, seq_len: int) -> ChunkTable:
+        self.host_reserved.pop(rid, None)
         config = self._config_for(rid)
         prompt = seq_len - 1
         table = ChunkTable(rid, idx, config, prompt, stats=RequestStats(rid, prompt_tokens=prompt))
@@ -190,6 +212,7 @@ class LSAMemoryManager:
         selection = self._select(table, seq_len)
         if selection is not None:
             self._start_prefetch(table, selection)
+        self._publish()
         logger.debug(
             "lsa window rid=%s seq=%d mirrored=%d resident=%d next=%s stalls=%d",
             table.rid, seq_len, table.mirrored, len(table.resident),
@@ -403,8 +426,22 @@ class LSAMemoryManager:
         self.finished.append(table.stats)
         self.overrides.pop(table.rid, None)
         self.capture.forget(idx)
+        self._publish()
+
+    def forget_request_reservation(self, rid: str) -> None:
+        """The prefill adder did not take the request after all: it stays queued, unreserved."""
+        self.host_reserved.pop(rid, None)
+
+    def forget_request(self, rid: str) -> None:
+        """A request left before its first decode step (aborted in the queue or in prefill)."""
+        self.host_reserved.pop(rid, None)
+        self.overrides.pop(rid, None)
 
     # -- observability -----------------------------------------------------------------
+    def _publish(self) -> None:
+        if self.metrics is not None:
+            self.metrics.update(self.stats()["server"])
+
     def stats(self) -> dict[str, Any]:
         running = [asdict(t.stats) for t in self.tables.values()]
         server = dict(self.server)
@@ -414,6 +451,7 @@ class LSAMemoryManager:
             host_kv_bytes=self.host.used_slots * self.page_bytes,
             host_capacity_bytes=self.host.capacity * self.page_bytes,
             running_requests=len(running),
+            host_reserved_bytes=sum(self.host_reserved.values()) * self.page_bytes,
             device_free_tokens=int(self.allocator.available_size()),
         )
         server["resident_ratio"] = server["device_kv_bytes"] / max(server["full_kv_bytes"], 1)

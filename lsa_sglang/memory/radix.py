@@ -53,6 +53,7 @@ class LSARadixCache(UnifiedRadixCache):
         m = _manager()
         if m is not None:
             m.release(req.kv.req_pool_idx)
+            m.forget_request(req.rid)
 
 
 def create_lsa_radix_cache(ctx):

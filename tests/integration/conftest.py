@@ -90,7 +90,7 @@ def lsa_server(model_path, tmp_path_factory):
     log = tmp_path_factory.mktemp("lsa") / "server.log"
     server = start_server(
         [sys.executable, "-m", "lsa_sglang.launch_server", "--model-path", model_path,
-         "--lsa-config", str(PRESET), *COMMON_FLAGS],
+         "--lsa-config", str(PRESET), "--enable-metrics", *COMMON_FLAGS],
         log,
     )
     yield server

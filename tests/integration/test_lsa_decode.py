@@ -137,3 +137,26 @@ def test_policies_share_budget(lsa_server, policy):
     req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
     assert req["policy"] == policy
     assert req["peak_device_kv_bytes"] < req["full_kv_bytes"] * 0.5
+
+
+def test_host_mirror_admission_queues(lsa_server, baseline):
+    """Three 3K-token prompts need 141 host chunks; the test pool holds 127: one waits in the
+    queue until a mirror frees, and every answer equals the one served alone."""
+    prompts = [haystack_ids(lsa_server, 3000, seed=20 + i) for i in range(3)]
+    serial = [greedy(lsa_server, p, n=12)["output_ids"] for p in prompts]
+    host_full_before = stats(lsa_server)["server"]["host_full"]
+    with cf.ThreadPoolExecutor(3) as ex:
+        together = list(ex.map(lambda p: greedy(lsa_server, p, n=12)["output_ids"], prompts))
+    assert together == serial
+    after = wait_idle(lsa_server)["server"]
+    assert after["host_full"] == host_full_before  # nobody was left without a mirror
+    assert after["host_kv_bytes"] == 0 and after["host_reserved_bytes"] == 0
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
+
+
+def test_prometheus_metrics(lsa_server):
+    greedy(lsa_server, haystack_ids(lsa_server, 1500, seed=6), n=20)
+    text = requests.get(lsa_server.url + "/metrics", timeout=30).text
+    windows = [line for line in text.splitlines() if line.startswith("sglang:lsa_windows")]
+    assert windows and float(windows[0].split()[-1]) >= 1
+    assert "sglang:lsa_stall_seconds" in text and "sglang:lsa_device_kv_bytes" in text
