@@ -156,6 +156,8 @@ class LSAMemoryManager:
                     self._boundary(table, seq_len)
             self._account(table, seq_len)
             tables.append(table if table.config.enabled else None)
+        if self.config.poison_released:  # test mode: check every invariant every step
+            self.check_integrity()
         return tables
 
     def _config_for(self, rid: str) -> LSAConfig:
@@ -459,5 +461,7 @@ class LSAMemoryManager:
 
     def check_integrity(self) -> None:
         self.host.check_integrity()
+        used = sum(t.mirrored for t in self.tables.values())
+        assert used == self.host.used_slots, (used, self.host.used_slots)
         for idx, t in self.tables.items():
             t.check_integrity(self.req_to_token[idx], self.cs)
