@@ -1,0 +1,185 @@
+"""The accuracy suite: send fitted prompts to a server under one or more methods, score, summarize.
+
+A *method* is which server answers plus the LSA per-request overrides it gets: stock SGLang, dense
+attention on the LSA server (`enabled: false`), the indexer, and the baselines at the same page
+budget (`recency`, `random`, `quest`). Prompts are sent sample-major: one prompt under every
+method back to back, so once SGLang's prefix cache works with LSA the prompt is prefilled once and
+only the decode differs between methods. The device KV ratio of a request comes from
+`/lsa/stats` (peak device KV bytes during decode / full KV bytes), matched by the request id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from lsa_sglang.bench.client import ServerClient, ServerError
+from lsa_sglang.bench.scoring import all_found, string_match_all
+from lsa_sglang.bench.tasks import Sample
+
+POLICIES = ("indexer", "recency", "random", "quest")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    name: str  # stock | dense | indexer | recency | random | quest | server (accuracy against a URL)
+    server: str  # "stock" or "lsa": which server answers
+    lsa: dict[str, Any] | None = None  # custom_params["lsa"]
+    budget: int | None = None
+
+    @property
+    def label(self) -> str:
+        return self.name if self.budget is None else f"{self.name}@{self.budget}"
+
+
+def build_methods(names: Sequence[str], budgets: Sequence[int | None]) -> list[Method]:
+    """stock and dense once each; every policy once per budget (None: the server's own budget)."""
+    out: list[Method] = []
+    for name in names:
+        if name == "stock":
+            out.append(Method("stock", "stock"))
+        elif name == "dense":
+            out.append(Method("dense", "lsa", {"enabled": False}))
+        elif name in POLICIES:
+            for b in budgets:
+                over: dict[str, Any] = {"policy": name}
+                if b is not None:
+                    over["page_budget"] = b
+                out.append(Method(name, "lsa", over, b))
+        else:
+            raise ValueError(f"unknown method {name!r}; known: stock, dense, {', '.join(POLICIES)}")
+    return out
+
+
+def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens: int | None = None,
+            read_stats: bool = True) -> dict[str, Any]:
+    """One request: prediction, score, and (on an LSA server) its device/full KV bytes."""
+    rec: dict[str, Any] = {
+        "task": sample.task, "length": sample.target_tokens, "seed": sample.seed, "n_tokens": sample.n_tokens,
+        "method": method.label, "policy": method.name, "budget": method.budget, "answers": sample.answers,
+    }
+    try:
+        out = client.generate(sample.prompt_text, max_new_tokens or sample.max_new_tokens, method.lsa)
+    except ServerError as e:
+        rec.update(error=str(e), prediction="", score=0.0, all_found=False)
+        return rec
+    meta = out.get("meta_info", {})
+    pred = out.get("text", "")
+    rec.update(
+        prediction=pred,
+        score=string_match_all(pred, sample.answers),
+        all_found=all_found(pred, sample.answers),
+        rid=meta.get("id"),
+        prompt_tokens=meta.get("prompt_tokens"),
+        completion_tokens=meta.get("completion_tokens"),
+        cached_tokens=meta.get("cached_tokens"),
+        latency_s=meta.get("e2e_latency"),
+    )
+    st = client.request_stats(meta.get("id", "")) if (read_stats and method.server == "lsa") else None
+    if st is not None:
+        peak, full = st.get("peak_device_kv_bytes", 0), st.get("full_kv_bytes", 0)
+        rec.update(peak_device_kv_bytes=peak, full_kv_bytes=full, kv_ratio=(peak / full) if full else None,
+                   lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
+                   fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"))
+    elif method.server == "stock":
+        rec.update(kv_ratio=1.0, kv_source="stock keeps the full KV on the device")
+    return rec
+
+
+def run_suite(client: ServerClient, samples: Sequence[Sample], methods: Sequence[Method], *,
+              max_new_tokens: int | None = None, progress: bool = True, desc: str = "requests") -> list[dict[str, Any]]:
+    """Every sample under every method, sample-major (same prompt back to back)."""
+    from tqdm import tqdm
+
+    read_stats = client.is_lsa()
+    records = []
+    with tqdm(total=len(samples) * len(methods), desc=desc, unit="req", disable=not progress) as bar:
+        for sample in samples:
+            for m in methods:
+                bar.set_postfix_str(f"{sample.task} {sample.target_tokens} {m.label}", refresh=False)
+                records.append(run_one(client, sample, m, max_new_tokens, read_stats))
+                bar.update(1)
+    return records
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else math.nan
+
+
+def summarize(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    """One row per (method, length): RULER score per task (mean x 100), their mean, KV ratio."""
+    groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["method"], r["length"])].append(r)
+    order = {m: i for i, m in enumerate(method_order or [])}
+    rows = []
+    for (method, length), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99), kv[0][0])):
+        by_task: dict[str, list[float]] = defaultdict(list)
+        for r in recs:
+            by_task[r["task"]].append(r["score"])
+        tasks = {t: 100 * _mean(v) for t, v in by_task.items()}
+        ratios = [r["kv_ratio"] for r in recs if r.get("kv_ratio") is not None]
+        rows.append({
+            "method": method, "policy": recs[0]["policy"], "budget": recs[0]["budget"], "length": length,
+            "tasks": tasks, "mean": _mean(list(tasks.values())),
+            "all_found": 100 * _mean([float(r["all_found"]) for r in recs]),
+            "kv_ratio": _mean(ratios) if ratios else None, "n": len(recs),
+            "errors": sum(1 for r in recs if r.get("error")),
+        })
+    return rows
+
+
+def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    """Plain-text table: method, length, score per task, mean, all-found %, KV ratio, n."""
+    head = ["method", "length", *tasks, "mean", "all%", "KV ratio", "n"]
+    lines = []
+    for r in rows:
+        cells = [r["method"], str(r["length"])]
+        cells += [f"{r['tasks'][t]:.1f}" if t in r["tasks"] else "-" for t in tasks]
+        cells += [f"{r['mean']:.1f}", f"{r['all_found']:.0f}",
+                  "n/a" if r["kv_ratio"] is None else f"{r['kv_ratio']:.3f}",
+                  str(r["n"]) + (f" ({r['errors']} err)" if r["errors"] else "")]
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *(fmt(c) for c in lines)])
+
+
+def plot_accuracy_vs_kv(rows: Sequence[dict[str, Any]], path: Path, title: str) -> Path | None:
+    """Mean accuracy against device KV ratio, one line per policy across budgets, one panel per length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4.2), squeeze=False)
+    markers = {"stock": "*", "dense": "D", "indexer": "o", "recency": "s", "random": "^", "quest": "v"}
+    for ax, length in zip(axes[0], lengths):
+        here = [r for r in rows if r["length"] == length and r["kv_ratio"] is not None]
+        for policy in dict.fromkeys(r["policy"] for r in here):
+            pts = sorted((r["kv_ratio"], r["mean"], r["budget"]) for r in here if r["policy"] == policy)
+            xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            ax.plot(xs, ys, marker=markers.get(policy, "o"), linestyle="-" if len(pts) > 1 else "none",
+                    markersize=9 if policy in ("stock", "dense") else 6, label=policy)
+            for x, y, b in pts:
+                if b is not None:
+                    ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel("device KV / full KV (peak during decode)")
+        ax.set_ylabel("mean accuracy (RULER string match, %)")
+        ax.set_title(f"{length} tokens")
+        ax.set_xlim(0, 1.05)
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

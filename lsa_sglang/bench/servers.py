@@ -1,0 +1,220 @@
+"""Start and stop the servers `compare` and `throughput` measure: stock SGLang and LSA.
+
+Both get the same SGLang flags (dtype, context length, KV budget, running-request cap, page size,
+the preset's `sglang:` defaults), so the only difference is the attention backend: stock SGLang
+runs `python -m sglang.launch_server` (torch_native on CPU, SGLang's default backend on GPU) and
+LSA runs our launcher with a preset. Each server runs in its own process group, so stopping it
+ends the scheduler and detokenizer children too; one server at a time, always stopped on exit.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from lsa_sglang.bench.client import ServerClient
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+START_TIMEOUT_S = 900
+
+
+def cuda_available() -> bool:
+    from lsa_sglang.launch_server import cuda_available as _cuda
+
+    return _cuda()
+
+
+def default_preset() -> Path | None:
+    """The CPU preset of this repository (its LSA fields suit any small model on CPU)."""
+    p = REPO_ROOT / "server_configs" / "cpu-smollm2.yaml"
+    return p if p.is_file() else None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def preset_flags(preset: str | os.PathLike[str] | None) -> list[str]:
+    """The preset's `sglang:` map as flags, so the stock server gets the same defaults."""
+    if preset is None:
+        return []
+    from lsa_sglang.config import read_preset
+
+    _, defaults = read_preset(preset)
+    flags: list[str] = []
+    for key, value in defaults.items():
+        flag = "--" + str(key).replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is not False and value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def merge_flags(base: list[str], override: list[str]) -> list[str]:
+    """`base` flags not named in `override`, then `override` (later wins, like the launcher)."""
+    named = {a.split("=", 1)[0] for a in override if a.startswith("--")}
+    out: list[str] = []
+    skip = False
+    for i, a in enumerate(base):
+        if skip:
+            skip = False
+            continue
+        if a.startswith("--") and a.split("=", 1)[0] in named:
+            skip = "=" not in a and i + 1 < len(base) and not base[i + 1].startswith("--")
+            continue
+        out.append(a)
+    return out + override
+
+
+def flag_value(flags: list[str], name: str) -> str | None:
+    for i, a in enumerate(flags):
+        if a == name and i + 1 < len(flags):
+            return flags[i + 1]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def write_preset(base: str | os.PathLike[str], changes: dict[str, Any], folder: Path) -> Path:
+    """A copy of preset `base` with some LSA fields changed (e.g. a trained indexer checkpoint)."""
+    import yaml
+
+    data = yaml.safe_load(Path(base).read_text()) or {}
+    data.update(changes)
+    out = folder / "lsa-bench-preset.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+def chunk_size_of(preset: str | os.PathLike[str] | None) -> int:
+    if preset is None:
+        from lsa_sglang.config import LSAConfig
+
+        return LSAConfig().chunk_size
+    from lsa_sglang.config import read_preset
+
+    return read_preset(preset)[0].chunk_size
+
+
+class ManagedServer:
+    """One server process (group) we started; a context manager that always stops it."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.cmd = cmd
+        self.log = log
+        self.env = env or {}
+        self.proc: subprocess.Popen | None = None
+        self.url = ""
+
+    def start(self, timeout: float = START_TIMEOUT_S, progress: bool = True) -> ManagedServer:
+        from tqdm import tqdm
+
+        port = free_port()
+        cmd = self.cmd + ["--host", "127.0.0.1", "--port", str(port)]
+        env = dict(os.environ, **self.env)
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "w") as fh:
+            self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        self.url = f"http://127.0.0.1:{port}"
+        client = ServerClient(self.url)
+        t0 = time.monotonic()
+        with tqdm(desc=f"starting {self.name} server", unit="s", total=None, disable=not progress,
+                  bar_format="{desc}: {elapsed}") as bar:
+            while time.monotonic() - t0 < timeout:
+                if self.proc.poll() is not None:
+                    tail = self.log.read_text(errors="replace")[-4000:]
+                    self.proc = None
+                    raise RuntimeError(f"{self.name} server exited while starting (log {self.log}):\n{tail}")
+                if client.healthy():
+                    return self
+                time.sleep(1)
+                bar.update(1)
+        self.stop()
+        raise RuntimeError(f"{self.name} server not healthy after {timeout:.0f} s (log {self.log})")
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL if it lingers."""
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        try:
+            pgid = os.getpgid(proc.pid)
+        except ProcessLookupError:
+            return
+        for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(pgid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                proc.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        # Children that outlive the leader still belong to the group.
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def __enter__(self) -> ManagedServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def stock_server(model_path: str, flags: list[str], log: Path, attention_backend: str | None = None,
+                 page_size: int | None = None) -> ManagedServer:
+    """Stock SGLang: torch_native on CPU (the CPU engine's only backend here), else its default."""
+    cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path]
+    env: dict[str, str] = {}
+    on_gpu = cuda_available()
+    backend = attention_backend or (None if on_gpu else "torch_native")
+    if backend and flag_value(flags, "--attention-backend") is None:
+        cmd += ["--attention-backend", backend]
+    if page_size and flag_value(flags, "--page-size") is None:
+        cmd += ["--page-size", str(page_size)]
+    if not on_gpu:
+        env["SGLANG_USE_CPU_ENGINE"] = "1"
+        if flag_value(flags, "--device") is None:
+            cmd += ["--device", "cpu"]
+    return ManagedServer("stock", cmd + flags, log, env)
+
+
+def lsa_server(model_path: str, preset: str | os.PathLike[str] | None, flags: list[str], log: Path) -> ManagedServer:
+    cmd = [sys.executable, "-m", "lsa_sglang.launch_server", "--model-path", model_path]
+    if preset is not None:
+        cmd += ["--lsa-config", str(preset)]
+    return ManagedServer("lsa", cmd + flags, log)
+
+
+def common_flags(*, dtype: str | None, context_length: int | None, max_total_tokens: int | None,
+                 max_running_requests: int | None, mem_fraction_static: float | None,
+                 extra: list[str] | None = None) -> list[str]:
+    flags: list[str] = []
+    for name, value in (("--dtype", dtype), ("--context-length", context_length),
+                        ("--max-total-tokens", max_total_tokens),
+                        ("--max-running-requests", max_running_requests),
+                        ("--mem-fraction-static", mem_fraction_static)):
+        if value is not None:
+            flags += [name, str(value)]
+    return flags + list(extra or [])
+
+
+def logs_dir(path: str | None) -> Path:
+    if path:
+        return Path(path)
+    return Path(tempfile.mkdtemp(prefix="lsa-bench-logs-"))
