@@ -19,7 +19,9 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -192,6 +194,7 @@ def _save(args: argparse.Namespace, kind: str, model: str | None, data: dict[str
     if not args.no_save:
         folder = Path(args.results_dir) if args.results_dir else default_results_dir()
         stem = result_stem(kind, model, args.label)
+        folder.mkdir(parents=True, exist_ok=True)
         png = plot_fn(folder / f"{stem}.png") if plot_fn else None
         if png:
             data["plot"] = png.name
@@ -612,6 +615,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        # A plain SIGTERM would end us without unwinding: the servers we started would outlive us.
+        signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         return int(args._run(args) or 0)
     except (CliError, AssetError) as e:
@@ -620,6 +627,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"lsa-bench {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

@@ -106,6 +106,17 @@ def chunk_size_of(preset: str | os.PathLike[str] | None) -> int:
     return read_preset(preset)[0].chunk_size
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when our process dies, however it dies (Linux), so a
+    killed benchmark never leaves a server behind (SGLang's own children follow their parent)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 class ManagedServer:
     """One server process (group) we started; a context manager that always stops it."""
 
@@ -126,7 +137,8 @@ class ManagedServer:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as fh:
             self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+                                         stdin=subprocess.DEVNULL, start_new_session=True,
+                                         preexec_fn=_die_with_parent)
         self.url = f"http://127.0.0.1:{port}"
         client = ServerClient(self.url)
         t0 = time.monotonic()
@@ -163,11 +175,15 @@ class ManagedServer:
                 break
             except subprocess.TimeoutExpired:
                 continue
-        # Children that outlive the leader still belong to the group.
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        # Children that outlive the leader still belong to the group: kill them and wait until
+        # the group is empty, so the next server starts on a quiet machine.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                return
+            time.sleep(0.2)
 
     def __enter__(self) -> ManagedServer:
         return self
