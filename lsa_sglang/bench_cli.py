@@ -235,8 +235,11 @@ def _server_flags(args: argparse.Namespace, preset: Path | None, need_context: i
 
 
 def _preset(args: argparse.Namespace, tmp: Path) -> Path | None:
-    from lsa_sglang.bench.servers import default_preset, write_preset
+    from lsa_sglang.bench.servers import cuda_available, default_preset, write_preset
 
+    if not args.lsa_config and cuda_available():
+        # The default preset's `sglang:` map is for CPU hosts (float32, 32K-token KV cache).
+        raise CliError("on a GPU host pass --lsa-config (a GPU preset, e.g. server_configs/llama3-8b-128k.yaml)")
     preset = Path(args.lsa_config) if args.lsa_config else default_preset()
     if preset is not None and not preset.is_file():
         raise CliError(f"LSA preset not found: {preset}")

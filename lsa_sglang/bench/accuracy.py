@@ -166,8 +166,10 @@ def plot_accuracy_vs_kv(rows: Sequence[dict[str, Any]], path: Path, title: str) 
         for policy in dict.fromkeys(r["policy"] for r in here):
             pts = sorted((r["kv_ratio"], r["mean"], r["budget"]) for r in here if r["policy"] == policy)
             xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+            size = {"stock": 15, "dense": 8}.get(policy, 6)  # stock drawn large and on top of dense
             ax.plot(xs, ys, marker=markers.get(policy, "o"), linestyle="-" if len(pts) > 1 else "none",
-                    markersize=9 if policy in ("stock", "dense") else 6, label=policy)
+                    markersize=size, label=policy, zorder=5 if policy == "stock" else 3,
+                    markerfacecolor="none" if policy == "stock" else None, markeredgewidth=1.5)
             for x, y, b in pts:
                 if b is not None:
                     ax.annotate(str(b), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)

@@ -6,6 +6,9 @@ set-up cost more than the run, and we also sample the server while the load runs
 fixed output length), streaming, so TTFT and TPOT are measured per request. A sampler polls SGLang's
 `/v1/loads` (requests in the running batch, KV tokens in use) and, on LSA, `/lsa/stats`, which is
 how "requests admitted concurrently" and the device KV bytes are read under the same load.
+The scheduler publishes `/v1/loads` between batches, so it lags during a long prefill; the client's
+own count of requests that have their first token and are not finished ("decoding max") is the
+second view of the same quantity.
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    head = ["target", "conc", "done", "out tok/s", "admitted max/mean", "TTFT p50/p90/p99 s",
+    head = ["target", "conc", "done", "out tok/s", "admitted max/mean", "decoding max", "TTFT p50/p90/p99 s",
             "TPOT p50/p90/p99 ms", "KV MiB mean/max", "err"]
     lines = []
     for r in rows:
@@ -215,6 +218,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append([
             r["target"], str(r["concurrency"]), f"{r['completed']}/{r['requests']}", _fmt(r["output_tok_s"]),
             f"{_fmt(r['admitted_max'], 'd') if r['admitted_max'] is not None else '-'}/{_fmt(r['admitted_mean'], '.1f')}",
+            str(r["client_decoding_max"]),
             "/".join(_fmt(r[f"ttft_s_p{q}"], ".1f") for q in (50, 90, 99)),
             "/".join(_fmt(r[f"tpot_s_p{q}"] * 1000 if r[f"tpot_s_p{q}"] == r[f"tpot_s_p{q}"] else None, ".0f")
                      for q in (50, 90, 99)),
