@@ -257,11 +257,18 @@ class _Servers:
     """Give out clients for 'stock' and 'lsa', starting (and later stopping) servers as needed."""
 
     def __init__(self, args: argparse.Namespace, model_path: str, preset: Path | None, flags: list[str]) -> None:
+        self.args, self.model_path, self.preset, self.flags = args, model_path, preset, flags
+        self._logs: Path | None = None
+        self.info: dict[str, dict[str, Any]] = {}
+
+    @property
+    def logs(self) -> Path:
+        """Server logs folder, made only when a server is started (none for --*-url runs)."""
         from lsa_sglang.bench.servers import logs_dir
 
-        self.args, self.model_path, self.preset, self.flags = args, model_path, preset, flags
-        self.logs = logs_dir(args.logs_dir)
-        self.info: dict[str, dict[str, Any]] = {}
+        if self._logs is None:
+            self._logs = logs_dir(self.args.logs_dir)
+        return self._logs
 
     def run(self, kind: str, fn) -> Any:
         from lsa_sglang.bench.client import ServerClient
