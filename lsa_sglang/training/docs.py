@@ -130,6 +130,14 @@ def _works_by_split(works: dict[str, str]) -> dict[str, list[str]]:
     return out
 
 
+def _line_start(text: str, frac: float) -> int:
+    """Index of the first line starting at or after `frac` of `text` (split ranges cut at lines)."""
+    if frac >= 1.0:
+        return len(text)
+    i = text.find("\n", int(frac * len(text)))
+    return len(text) if i < 0 else i + 1 if frac > 0 else 0
+
+
 def _excerpt(text: str, chars: int, rng: random.Random) -> str:
     """`chars` characters of `text` from a random line start (wraps around for short works)."""
     if len(text) <= chars:
@@ -147,7 +155,7 @@ def _prose_doc(works, britannica, split: str, i: int, chars: int, seed: int) -> 
     rng = random.Random(f"prose/{seed}/{split}/{i}")
     if i % 4 == 3:
         lo, hi = {"train": (0.0, 0.7), "val": (0.7, 0.85), "test": (0.85, 1.0)}[split]
-        part = britannica[int(lo * len(britannica)) : int(hi * len(britannica))]
+        part = britannica[_line_start(britannica, lo) : _line_start(britannica, hi)]
         return Document(f"shakespeare/{split}/{i:04d}-britannica", split, _excerpt(part, chars, rng), (), "britannica")
     names = _works_by_split(works)[split]
     name = names[(i - i // 4) % len(names)]

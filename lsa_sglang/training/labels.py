@@ -72,10 +72,12 @@ def candidate_mask(n_complete: torch.Tensor, n_chunks: int, sink_chunks: int, re
 
 
 def default_votes(n_vote_layers: int) -> int:
-    """Votes needed for a golden chunk: a quarter of the voting layers, at least 1 (3 of the 11
-    CSA-like layers would be the paper's ">= 3"; a quarter keeps positives at a few percent of
-    the candidates for 24-30 layer models)."""
-    return max(1, -(-n_vote_layers // 4))
+    """Votes needed for a golden chunk: 40% of the voting layers, at least 1. Measured on
+    SmolLM2 (21 voting layers, 4K-token documents): >= 6 votes made 16% of the candidates
+    positive and >= 9 made 6.5% (the paper reports 2-3% among ~7,900 candidates); the stricter
+    vote keeps the chunks many layers agree on, which the indexer can also predict better
+    (untrained AUC 0.63 -> 0.68)."""
+    return max(1, -(-n_vote_layers * 2 // 5))
 
 
 def default_vote_layers(num_layers: int) -> tuple[int, ...]:

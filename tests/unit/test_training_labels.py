@@ -79,7 +79,7 @@ def test_candidate_mask_matches_the_selector(n):
 
 
 def test_default_votes_and_layers():
-    assert default_votes(21) == 6 and default_votes(1) == 1 and default_votes(4) == 1
+    assert default_votes(21) == 9 and default_votes(17) == 7 and default_votes(1) == 1 and default_votes(2) == 1
     assert default_vote_layers(30) == tuple(range(2, 30)) and default_vote_layers(3) == (0, 1, 2)
 
 
