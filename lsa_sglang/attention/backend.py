@@ -146,6 +146,11 @@ def build_manager(model_runner, config: LSAConfig):
     heads, head_dim = attn0.num_heads, attn0.head_dim
     if config.indexer_checkpoint:
         indexer = load_indexer(config.indexer_checkpoint, expected=spec, device=model_runner.device)
+        for name in ("tau", "threshold"):  # run-time knobs: a mismatch is allowed, but say so
+            trained, serving = getattr(indexer.spec, name), getattr(config, name)
+            if trained != serving:
+                logger.warning("lsa: indexer checkpoint %s was trained with %s=%s; this server uses %s=%s",
+                               config.indexer_checkpoint, name, trained, name, serving)
     else:
         import dataclasses
 
