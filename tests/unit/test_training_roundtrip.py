@@ -126,6 +126,19 @@ def test_dump_train_eval_serve_round_trip(pipeline, capsys):
     with pytest.raises(IndexerCheckpointError, match="model_id"):
         load_indexer(ckpt, expected=dataclasses.replace(spec, model_id="smollm2-135m"))
 
+    # eval refuses a checkpoint of another model with one message, exit status 1
+    from lsa_sglang.indexer import NeuralMemoryIndexer, save_indexer
+
+    foreign = root / "foreign.safetensors"
+    other = dataclasses.replace(indexer.spec, model_id="smollm2-135m")
+    save_indexer(NeuralMemoryIndexer(other), foreign)
+    capsys.readouterr()
+    assert main(["eval", "--data", str(data), "--ckpt", str(foreign)]) == 1
+    err = capsys.readouterr().err
+    assert "lsa-sglang eval: error:" in err and "field 'model_id' expected 'tiny-llama'" in err
+    assert main(["train", "--data", str(root / "nowhere"), "--out", str(foreign)]) == 1
+    assert "dump directory not found" in capsys.readouterr().err
+
 
 def test_dump_resumes_and_refuses_other_parameters(pipeline, capsys):
     root, model, docs, data = pipeline
