@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from .docs import SPLITS, Document, documents
+from .docs import Document, documents
 from .labels import default_votes, window_positives
 
 DUMP_FORMAT = "lsa-indexer-dump"
