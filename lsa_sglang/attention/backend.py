@@ -86,6 +86,41 @@ class LSAAttnBackend(TorchNativeAttnBackend):
         k = self.config.kernel
         return k in ("triton", "flashinfer") or (k == "auto" and torch.device(self.device).type == "cuda")
 
+    # -- prefill -------------------------------------------------------------------------
+    def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
+                                 seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None,
+                                 scaling=None, enable_gqa=False, causal=False, is_cross_attn=False,
+                                 sliding_window_size=None):
+        """Dense prefill. SGLang's torch-native extend pads the query to the whole sequence, so
+        a request resuming from a cached prefix pays attention over prefix x prefix again;
+        here its new tokens alone attend, under a causal mask shifted by the prefix. A request
+        without a cached prefix runs exactly as SGLang runs it."""
+        prefixes = extend_prefix_lens.tolist()
+        windowed = sliding_window_size is not None and sliding_window_size > -1
+        if encoder_lens is not None or not causal or is_cross_attn or windowed or not any(prefixes):
+            return super()._run_sdpa_forward_extend(
+                query, output, k_cache, v_cache, req_to_token, req_pool_indices, seq_lens,
+                extend_prefix_lens, extend_seq_lens, encoder_lens, scaling=scaling,
+                enable_gqa=enable_gqa, causal=causal, is_cross_attn=is_cross_attn,
+                sliding_window_size=sliding_window_size,
+            )
+        start = 0
+        for idx, n_q, n_prefix, n_kv in zip(req_pool_indices.tolist(), extend_seq_lens.tolist(),
+                                            prefixes, seq_lens.tolist()):
+            q = query[start : start + n_q].movedim(0, 1).unsqueeze(0)  # [1, H, n_q, D]
+            slots = req_to_token[idx, :n_kv]
+            k = k_cache[slots].movedim(0, 1).unsqueeze(0).to(q.dtype)
+            v = v_cache[slots].movedim(0, 1).unsqueeze(0).to(q.dtype)
+            if n_prefix:
+                pos = torch.arange(n_kv, device=q.device)
+                mask = pos[None, :] <= (n_prefix + torch.arange(n_q, device=q.device))[:, None]
+                out = scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=enable_gqa, scale=scaling)
+            else:
+                out = scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=enable_gqa, scale=scaling)
+            output[start : start + n_q] = out[0].movedim(1, 0)
+            start += n_q
+        return output
+
     # -- decode ----------------------------------------------------------------------------
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if self._tables is None or layer.is_cross_attention:
