@@ -416,7 +416,7 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=budget_list, default=[None],
                    help="page budgets for indexer/recency/random/quest, e.g. 4,8,16 ('default': the preset's)")
     p.add_argument("--methods", type=name_list, default=name_list("stock,dense,indexer,recency,random,quest"),
-                   help="subset of stock,dense,indexer,recency,random,quest")
+                   help="subset of stock,dense,indexer,recency,random,quest,indexer-nofallback")
     _add_output_args(p)
 
 
@@ -454,10 +454,8 @@ def _compare_run(args: argparse.Namespace) -> int:
                     info = client.server_info()
                     if info.get("disable_radix_cache") and len(ms) > 1:
                         notes.append(
-                            f"the LSA server runs with --disable-radix-cache (our launcher forces it while LSA is "
-                            f"on): each of the {len(ms)} LSA methods re-prefills every prompt. Prompts are sent "
-                            f"back to back per method, so once the prefix cache works with LSA each prompt is "
-                            f"prefilled once.")
+                            f"the LSA server runs with --disable-radix-cache: each of the {len(ms)} LSA methods "
+                            f"prefills every prompt again (with the prefix cache on, each prompt is prefilled once)")
                 return run_suite(client, samples, ms, max_new_tokens=args.max_new_tokens,
                                  progress=not args.quiet, desc=f"{kind} server ({len(ms)} method(s))")
 

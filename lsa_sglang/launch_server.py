@@ -160,9 +160,10 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
     if backend in (None, "lsa"):
         if not _has_flag(argv, "--radix-cache-backend"):
             argv += ["--radix-cache-backend", "lsa"]
-        if config.enabled and not _has_flag(argv, "--disable-radix-cache"):
-            # The tree does not track chunk residency yet: LSA rows must not be shared.
-            argv.append("--disable-radix-cache")
+        if config.enabled and not _has_flag(argv, "--radix-eviction-policy"):
+            # LSA rows enter the tree at a lower priority: their chunks are in the host
+            # mirror, so the device tier drops them before rows that exist nowhere else.
+            argv += ["--radix-eviction-policy", "priority"]
 
     if cuda_available():
         if backend in (None, "lsa") and not _has_flag(argv, "--disable-cuda-graph"):

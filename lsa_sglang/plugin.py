@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "lsa"
 OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_budget, threshold, enabled}
-OVERRIDABLE = ("policy", "page_budget", "threshold", "enabled", "min_pages")
+OVERRIDABLE = ("policy", "page_budget", "threshold", "enabled", "min_pages", "needle_fallback")
 _registered = False
 
 
@@ -94,6 +94,7 @@ def _after_req_init(result, req, *args, **kwargs):
         return result
     from lsa_sglang.config import LSAConfigError
 
+    m.reqs[req.rid] = req
     try:
         over = parse_overrides(getattr(req.sampling_params, "custom_params", None))
         m.config.replace(**over)  # the combination must be valid too

@@ -185,7 +185,7 @@ def needs_fallback(
     `scores` are the candidate chunks' scores (`candidate_chunks` is a contiguous range, so a
     slice ``scores[c[0]:c[-1]+1]`` of the request's scores); with no
     candidates there is nothing to widen, so False. The caller then passes ``widen=True`` to
-    `select_chunks` for the next window.
+    `select_chunks` for the selection it is making.
     """
     if not 0.0 <= tail_mass <= 1.0:
         raise ValueError(f"tail_mass must be in [0, 1], got {tail_mass!r}")

@@ -7,8 +7,12 @@ lists as resident; the release path (LSARadixCache.free_kv_row) frees only owned
 
 Per request (single TP rank; the scheduler runs this in its own process):
 - admission (first decode step after prefill): every complete chunk is written through to the
-  host mirror, its frozen key is computed, the indexer scores the chunks from the prefill's last
-  hidden states, and the cells of chunks outside the resident set go back to SGLang's allocator.
+  host mirror (or, when a chunk with the same prefix is already there, shared by reference),
+  its frozen key is computed, the indexer scores the chunks from the prefill's last hidden
+  states, and the cells of chunks outside the resident set go back to SGLang's allocator.
+  Prompt pages the prefix cache owns are not the request's to free: the resident ones are
+  copied into cells of its own and the request lets go of the tree, whose copy stays cached
+  (evictable) for later requests with the same prefix.
 - every `tau` decode steps (window boundary): the previously prefetched set is swapped in
   (a copy still running is waited for and counted as a stall), evicted cells are released,
   newly completed chunks are mirrored, and the next set is selected from the current hidden
@@ -18,8 +22,10 @@ Per request (single TP rank; the scheduler runs this in its own process):
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
@@ -28,7 +34,7 @@ from typing import Any
 import torch
 
 from lsa_sglang.config import LSAConfig
-from lsa_sglang.indexer import SelectionParams, needs_fallback, select_chunks
+from lsa_sglang.indexer import SelectionParams, candidate_chunks, needs_fallback, select_chunks
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
 from lsa_sglang.memory.prefetcher import Prefetcher
@@ -56,6 +62,8 @@ class RequestStats:
     stall_seconds: float = 0.0
     indexer_seconds: float = 0.0
     fallbacks: int = 0
+    prefix_hit_tokens: int = 0
+    host_chunks_shared: int = 0
     policy: str = "indexer"
     lsa_enabled: bool = True
     finished: bool = False
@@ -79,12 +87,12 @@ class ChunkTable:
     config: LSAConfig
     prompt_tokens: int
     host_slots: list[int] = field(default_factory=list)  # index = chunk id
+    chain: list[bytes] = field(default_factory=list)  # prefix hash of each mirrored chunk
     resident: set[int] = field(default_factory=set)  # mirrored chunks with a device cell
     keys: list[torch.Tensor] = field(default_factory=list)  # per chunk [L, Hk, Dh]
     kmin: list[torch.Tensor] = field(default_factory=list)
     kmax: list[torch.Tensor] = field(default_factory=list)
     steps: int = 0  # decode steps since the last window boundary
-    widen_next: bool = False
     pending: Pending | None = None
     stats: RequestStats | None = None
 
@@ -129,8 +137,11 @@ class LSAMemoryManager:
             "requests_served": 0, "windows": 0, "chunks_copied": 0, "bytes_copied": 0,
             "stalls": 0, "stall_seconds": 0.0, "indexer_seconds": 0.0, "fallbacks": 0,
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
+            "prefix_hit_tokens": 0, "host_chunks_shared": 0, "device_cells_saved": 0,
+            "prefix_host_loaded_tokens": 0,
         }
         self.overrides: dict[str, dict[str, Any]] = {}  # rid -> per-request LSA overrides
+        self.reqs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # rid -> Req
         # Host slots promised to requests admitted to prefill but not yet mirrored.
         self.host_reserved: dict[str, int] = {}
         from lsa_sglang.metrics import maybe_metrics
@@ -187,13 +198,74 @@ class LSAMemoryManager:
         table.stats.policy, table.stats.lsa_enabled = config.policy, config.enabled
         self.tables[idx] = table
         self.server["requests_served"] += 1
+        req = self._req(idx, rid)
+        if req is not None:
+            hit = int(getattr(req, "cached_tokens", 0))
+            table.stats.prefix_hit_tokens = hit
+            self.server["prefix_hit_tokens"] += hit
+            self.server["device_cells_saved"] += hit // self.cs
         if not config.enabled:
             return table
-        self._mirror_new_chunks(table, seq_len)
+        self._mirror_new_chunks(table, seq_len, req)
         selection = self._select(table, seq_len)
-        if selection is not None:
-            self._apply(table, selection, new_pages={})
+        if selection is None:
+            selection = set(table.resident)
+        if not self._detach(table, req, selection):
+            self.server["alloc_denied"] += 1
+            self._give_up(table)
+            return table
+        self._apply(table, selection, new_pages={})
         return table
+
+    def _detach(self, table: ChunkTable, req, resident: set[int]) -> bool:
+        """Let go of the prefix cache's pages: the resident ones (and any not mirrored)
+        are copied into cells the request owns, the others become released chunks."""
+        if req is None or req.lock is None or req.kv.cache_protected_len < self.cs:
+            return True
+        tree_chunks = req.kv.cache_protected_len // self.cs
+        keep = [c for c in range(tree_chunks) if c in resident or c >= table.mirrored]
+        pages = self._alloc_pages(len(keep))
+        if pages is None:
+            return False
+        row = self.req_to_token[table.req_pool_idx]
+        src = self._page_slots([int(row[c * self.cs]) // self.cs for c in keep])
+        dst = self._page_slots(pages)
+        for k, v in zip(self.k_buffers, self.v_buffers):
+            k[dst] = k[src]
+            v[dst] = v[src]
+        drop = [c for c in range(tree_chunks) if c not in set(keep)]
+        self._set_rows(table.req_pool_idx, keep, pages)
+        self._set_rows(table.req_pool_idx, drop, None)
+        table.resident -= set(drop)
+        from lsa_sglang.memory.radix import active_radix
+
+        active_radix().detach(req)
+        return True
+
+    def _give_up(self, table: ChunkTable) -> None:
+        """Serve the request densely: no device room to take its pages from the tree."""
+        self.host.release(table.host_slots)
+        table.host_slots, table.chain, table.resident = [], [], set()
+        table.keys, table.kmin, table.kmax = [], [], []
+        table.config = table.config.replace(enabled=False)
+        table.stats.lsa_enabled = False
+        table.stats.host_kv_bytes = 0
+
+    def _alloc_pages(self, n: int) -> list[int] | None:
+        """n device pages from SGLang's allocator, evicting unlocked prefix-cache entries
+        first when it is short."""
+        if n == 0:
+            return []
+        from lsa_sglang.memory.radix import active_radix
+
+        got = self.allocator.alloc(n * self.cs)
+        radix = active_radix()
+        if got is None and radix is not None:
+            self.allocator.evict_to_free_tokens(radix, n * self.cs)
+            got = self.allocator.alloc(n * self.cs)
+        if got is None:
+            return None
+        return got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
 
     def _boundary(self, table: ChunkTable, seq_len: int) -> None:
         table.steps = 0
@@ -210,7 +282,7 @@ class LSAMemoryManager:
                     self.server["stalls"] += 1
                     self.server["stall_seconds"] += waited
             self._apply(table, pending.resident, pending.new_pages)
-        self._mirror_new_chunks(table, seq_len)
+        self._mirror_new_chunks(table, seq_len, self._req(table.req_pool_idx, table.rid))
         selection = self._select(table, seq_len)
         if selection is not None:
             self._start_prefetch(table, selection)
@@ -235,22 +307,20 @@ class LSAMemoryManager:
         dt = time.perf_counter() - t
         table.stats.indexer_seconds += dt
         self.server["indexer_seconds"] += dt
-        widen = table.widen_next
-        table.widen_next = False
         if scores is None and config.policy in ("indexer", "quest"):
             # no hidden state captured (cannot happen after a real forward): keep everything
             return set(range(n))
+        # The needle fallback widens the very selection the indexer is unsure about: the one
+        # made at admission serves the whole answer when it is shorter than a window.
+        cand = candidate_chunks(n, params)
+        widen = (
+            config.policy == "indexer" and config.needle_fallback and len(cand) > 0
+            and needs_fallback(scores[cand[0] : cand[-1] + 1], config.threshold, tail_mass)
+        )
         sel = select_chunks(n, params, scores=scores, rng=config.seed + n, widen=widen)
         if sel.fallback:
             table.stats.fallbacks += 1
             self.server["fallbacks"] += 1
-        if config.policy == "indexer" and config.needle_fallback and scores is not None:
-            forced = set(sel.forced.tolist())
-            cand = [c for c in range(n) if c not in forced]
-            if cand:
-                table.widen_next = needs_fallback(
-                    scores[cand[0] : cand[-1] + 1], config.threshold, tail_mass
-                )
         return set(sel.resident.tolist())
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
@@ -282,29 +352,55 @@ class LSAMemoryManager:
         return next(self.indexer.parameters()).dtype
 
     # -- residency changes -------------------------------------------------------------
-    def _mirror_new_chunks(self, table: ChunkTable, seq_len: int) -> None:
-        """Write through every chunk completed since the last call (written KV = seq_len - 1)."""
+    def _mirror_new_chunks(self, table: ChunkTable, seq_len: int, req=None) -> None:
+        """Write through every chunk completed since the last call (written KV = seq_len - 1);
+        a chunk whose prefix hash is already in the host mirror is shared, not copied."""
         complete = (seq_len - 1) // self.cs
         new = list(range(table.mirrored, complete))
         if not new:
             return
+        chain = self._extend_chain(table, req, complete)
+        slots = [None if chain is None else self.host.lookup(chain[c]) for c in new]
+        misses = [i for i, s in enumerate(slots) if s is None]
         try:
-            slots = self.host.alloc(len(new))
+            fresh = self.host.alloc(len(misses))
         except HostMirrorFull:
             # Admission refuses prompts that can never fit; under concurrent load the newest
             # chunks simply stay on the device (they are read as part of the tail).
+            self.host.release([s for s in slots if s is not None])
             self.server["host_full"] += 1
             return
-        row = self.req_to_token[table.req_pool_idx]
-        pages = [int(row[c * self.cs]) // self.cs for c in new]
-        copy_chunks_to_host(self.k_buffers, self.v_buffers, pages, self.host.buffer, slots)
-        keys, kmin, kmax = self._chunk_keys(torch.tensor(pages, device=self.device))
-        table.keys.extend(keys.unbind(0))
-        table.kmin.extend(kmin.unbind(0))
-        table.kmax.extend(kmax.unbind(0))
+        keys = [None if s is None else self.host.meta[s] for s in slots]
+        if misses:
+            row = self.req_to_token[table.req_pool_idx]
+            pages = [int(row[new[i] * self.cs]) // self.cs for i in misses]
+            copy_chunks_to_host(self.k_buffers, self.v_buffers, pages, self.host.buffer, fresh)
+            computed = self._chunk_keys(torch.tensor(pages, device=self.device))
+            for n, (i, slot) in enumerate(zip(misses, fresh)):
+                slots[i], keys[i] = slot, tuple(k[n] for k in computed)
+                if chain is not None:
+                    self.host.publish(slot, chain[new[i]], keys[i])
+        shared = len(new) - len(misses)
+        table.stats.host_chunks_shared += shared
+        self.server["host_chunks_shared"] += shared
+        for key, kmin, kmax in keys:
+            table.keys.append(key)
+            table.kmin.append(kmin)
+            table.kmax.append(kmax)
         table.host_slots.extend(slots)
+        if chain is not None:
+            table.chain = chain[:complete]
         table.resident.update(new)
         table.stats.host_kv_bytes = table.mirrored * self.page_bytes
+
+    def _extend_chain(self, table: ChunkTable, req, complete: int) -> list[bytes] | None:
+        """Prefix hashes of chunks [0, complete): each covers every token up to its end."""
+        if req is None or len(table.chain) != table.mirrored:
+            return None
+        tokens = list(req.origin_input_ids) + list(req.output_ids)
+        if len(tokens) < complete * self.cs:
+            return None
+        return prefix_hashes(tokens, self.cs, complete, req.extra_key, req.cache_salt, table.chain)
 
     def _chunk_keys(self, pages: torch.Tensor):
         """Frozen keys of whole chunks at the target layers: mean, min, max post-RoPE key."""
@@ -355,14 +451,13 @@ class LSAMemoryManager:
         misses = sorted(resident - table.resident)
         new_pages: dict[int, int] = {}
         if misses:
-            got = self.allocator.alloc(len(misses) * self.cs)
-            if got is None:
+            pages = self._alloc_pages(len(misses))
+            if pages is None:
                 # Device pool exhausted: keep what is resident, fetch nothing this window.
                 self.server["alloc_denied"] += 1
                 resident = resident & table.resident
                 misses = []
             else:
-                pages = got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
                 new_pages = dict(zip(misses, pages))
         future = None
         if misses:
@@ -404,6 +499,95 @@ class LSAMemoryManager:
             sum(t.stats.device_kv_bytes for t in self.tables.values()),
         )
 
+    # -- prefix cache ------------------------------------------------------------------
+    def _req(self, idx: int, rid: str):
+        """The scheduler's Req behind a row (registered when it was built), or None."""
+        req = self.reqs.get(rid)
+        return req if req is not None and req.kv.req_pool_idx == idx else None
+
+    def table_of(self, req) -> ChunkTable | None:
+        table = self.tables.get(req.kv.req_pool_idx)
+        return table if table is not None and table.rid == req.rid else None
+
+    def prepare_insert(self, req, up_to: int, radix) -> int:
+        """Make the row of a finished LSA request insertable into the prefix cache.
+
+        Chunks the tree already holds point at the tree's pages (the request's own copies
+        are duplicates and go back); released chunks after them are loaded back from the
+        host mirror into fresh cells. Returns how many tokens can be inserted: the insert
+        stops at the first chunk that found no device room."""
+        from sglang.srt.mem_cache.base_prefix_cache import MatchPrefixParams
+        from sglang.srt.mem_cache.radix_cache import RadixKey
+
+        table, cs, idx = self.table_of(req), self.cs, req.kv.req_pool_idx
+        n = up_to // cs
+        key = RadixKey(
+            req.full_untruncated_fill_ids[: n * cs], req.extra_key,
+            is_bigram=radix.tree_core.is_eagle, cache_salt=req.cache_salt,
+        )
+        match = radix.match_prefix(MatchPrefixParams(key=key))
+        tree = radix.path_device_indices(match.last_device_node)[: match.device_prefix_len]
+        shared = min(len(tree) // cs, n)
+        row = self.req_to_token[idx]
+        owned = [c for c in range(shared) if c in table.resident or c >= table.mirrored]
+        self._free_pages([int(row[c * cs]) // cs for c in owned])
+        row[: shared * cs] = tree[: shared * cs].to(row.dtype)
+        table.resident -= set(range(shared))
+        self.server["device_cells_saved"] += len(owned)
+        req.kv.cache_protected_len = shared * cs
+        gone = [c for c in range(shared, min(n, table.mirrored)) if c not in table.resident]
+        lock = radix.lock(match.last_device_node)  # making room must not evict the match
+        try:
+            pages = self._alloc_pages(len(gone))
+        finally:
+            radix.unlock(lock)
+        if pages is None:
+            return (gone[0] if gone else n) * cs
+        if gone:
+            slots = [table.host_slots[c] for c in gone]
+            done = copy_chunks_to_device(self.host.buffer, slots, self.k_buffers, self.v_buffers, pages)
+            if done is not None:
+                done.synchronize()
+            self._set_rows(idx, gone, pages)
+            table.resident |= set(gone)
+        return n * cs
+
+    def load_back(self, key, match, radix) -> int:
+        """Chunks of `key` past the tree's device match that the host mirror still holds
+        are copied into fresh cells and inserted into the tree, so prefill skips them.
+        Returns the number of tokens loaded."""
+        from sglang.srt.mem_cache.base_prefix_cache import InsertParams
+
+        cs = self.cs
+        n = len(key) // cs
+        have = match.device_prefix_len // cs
+        if key.is_bigram or n <= have:
+            return 0
+        chain = prefix_hashes(key.raw_token_ids(), cs, n, key.extra_key, key.cache_salt)
+        slots = []
+        for h in chain[have:]:
+            slot = self.host.lookup(h)
+            if slot is None:
+                break
+            slots.append(slot)
+        lock = radix.lock(match.last_device_node)  # making room must not evict the match
+        try:
+            pages = self._alloc_pages(len(slots)) if slots else None
+            if not pages:
+                return 0
+            done = copy_chunks_to_device(self.host.buffer, slots, self.k_buffers, self.v_buffers, pages)
+            if done is not None:
+                done.synchronize()
+            end = (have + len(pages)) * cs
+            tree = radix.path_device_indices(match.last_device_node)[: have * cs]
+            value = torch.cat([tree.to(torch.int64), self._page_slots(pages).to(tree.device)])
+            radix.insert(InsertParams(key=key[:end], value=value, prev_prefix_len=have * cs))
+        finally:
+            self.host.release(slots)
+            radix.unlock(lock)
+        self.server["prefix_host_loaded_tokens"] += end - have * cs
+        return end - have * cs
+
     # -- release -----------------------------------------------------------------------
     def released_ranges(self, idx: int) -> list[tuple[int, int]]:
         """Row position ranges of chunks that own no device page (not to be freed by SGLang)."""
@@ -423,7 +607,7 @@ class LSAMemoryManager:
                 self.prefetcher.wait(table.pending.future)
             self._free_pages(list(table.pending.new_pages.values()))
             table.pending = None
-        self.host.free(table.host_slots)
+        self.host.release(table.host_slots)
         table.stats.finished = True
         self.finished.append(table.stats)
         self.overrides.pop(table.rid, None)
@@ -451,6 +635,7 @@ class LSAMemoryManager:
             device_kv_bytes=sum(r["device_kv_bytes"] for r in running),
             full_kv_bytes=sum(r["full_kv_bytes"] for r in running),
             host_kv_bytes=self.host.used_slots * self.page_bytes,
+            host_cached_bytes=self.host.cached_slots * self.page_bytes,
             host_capacity_bytes=self.host.capacity * self.page_bytes,
             running_requests=len(running),
             host_reserved_bytes=sum(self.host_reserved.values()) * self.page_bytes,
@@ -461,7 +646,25 @@ class LSAMemoryManager:
 
     def check_integrity(self) -> None:
         self.host.check_integrity()
-        used = sum(t.mirrored for t in self.tables.values())
-        assert used == self.host.used_slots, (used, self.host.used_slots)
+        refs: dict[int, int] = {}
+        for t in self.tables.values():
+            for slot in t.host_slots:
+                refs[slot] = refs.get(slot, 0) + 1
+        assert len(refs) == self.host.used_slots, (len(refs), self.host.used_slots)
+        assert all(self.host.refs(s) == n for s, n in refs.items())
         for idx, t in self.tables.items():
             t.check_integrity(self.req_to_token[idx], self.cs)
+
+
+def prefix_hashes(tokens, chunk_size: int, n: int, extra_key=None, cache_salt=None,
+                  known: list[bytes] | None = None) -> list[bytes]:
+    """Content address of chunks [0, n): chunk c's hash covers every token up to its end
+    (and the request's cache namespace), so equal hashes mean equal KV. `known` are the
+    first hashes, already computed."""
+    chain = list(known or [])
+    prev = chain[-1] if chain else repr((extra_key, cache_salt or None)).encode()
+    for c in range(len(chain), n):
+        body = torch.tensor(tokens[c * chunk_size : (c + 1) * chunk_size], dtype=torch.int64)
+        prev = hashlib.blake2b(prev + body.numpy().tobytes(), digest_size=16).digest()
+        chain.append(prev)
+    return chain

@@ -41,21 +41,28 @@ def stats(server) -> dict:
     return r.json()
 
 
-def wait_idle(server, timeout=120) -> dict:
+def wait_idle(server, timeout=120, flush=False) -> dict:
+    """Stats once nothing runs; with `flush`, after emptying the prefix cache (both tiers)."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         s = stats(server)
         if s["server"]["running_requests"] == 0:
-            return s
+            if not flush:
+                return s
+            r = requests.post(server.url + "/flush_cache", timeout=60)
+            if r.ok and "Cache flushed" in r.text:
+                s = stats(server)
+                assert s["server"]["host_cached_bytes"] == 0, s["server"]
+                return s
         time.sleep(0.5)
     raise AssertionError(f"requests still running: {s}")
 
 
 @pytest.fixture(scope="module")
 def baseline(lsa_server):
-    """Pool occupancy of the idle server (after a warm-up request)."""
+    """Pool occupancy of the idle server (after a warm-up request), prefix cache empty."""
     greedy(lsa_server, [1, 2, 3], n=2)
-    return wait_idle(lsa_server)["server"]
+    return wait_idle(lsa_server, flush=True)["server"]
 
 
 def test_gate_off_exact(lsa_server, stock_server):
@@ -99,7 +106,7 @@ def test_no_leak_after_finish_abort_and_disconnect(lsa_server, baseline):
         time.sleep(8)
         requests.post(lsa_server.url + "/abort_request", json={"rid": "lsa-abort-me"}, timeout=30)
         fut.result()
-    after = wait_idle(lsa_server)["server"]
+    after = wait_idle(lsa_server, flush=True)["server"]
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
     assert after["host_kv_bytes"] == 0
 
@@ -107,6 +114,7 @@ def test_no_leak_after_finish_abort_and_disconnect(lsa_server, baseline):
 def test_concurrent_batch_matches_serial(lsa_server):
     prompts = [haystack_ids(lsa_server, n, seed=10 + n) for n in (900, 2100, 3000)]
     serial = [greedy(lsa_server, p, n=20)["output_ids"] for p in prompts]
+    wait_idle(lsa_server, flush=True)  # all three prefill cold again, in one batch
     with cf.ThreadPoolExecutor(len(prompts)) as ex:
         together = list(ex.map(lambda p: greedy(lsa_server, p, n=20)["output_ids"], prompts))
     assert together == serial
@@ -144,11 +152,11 @@ def test_host_mirror_admission_queues(lsa_server, baseline):
     queue until a mirror frees, and every answer equals the one served alone."""
     prompts = [haystack_ids(lsa_server, 3000, seed=20 + i) for i in range(3)]
     serial = [greedy(lsa_server, p, n=12)["output_ids"] for p in prompts]
-    host_full_before = stats(lsa_server)["server"]["host_full"]
+    host_full_before = wait_idle(lsa_server, flush=True)["server"]["host_full"]
     with cf.ThreadPoolExecutor(3) as ex:
         together = list(ex.map(lambda p: greedy(lsa_server, p, n=12)["output_ids"], prompts))
     assert together == serial
-    after = wait_idle(lsa_server)["server"]
+    after = wait_idle(lsa_server, flush=True)["server"]
     assert after["host_full"] == host_full_before  # nobody was left without a mirror
     assert after["host_kv_bytes"] == 0 and after["host_reserved_bytes"] == 0
     assert after["device_free_tokens"] == baseline["device_free_tokens"]

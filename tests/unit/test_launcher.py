@@ -27,6 +27,12 @@ def test_fills_lsa_flags_and_preset_defaults(tmp_path):
     assert ls._flag_value(argv, "--dtype") == "bfloat16"  # command line beats the preset
     assert ls._flag_value(argv, "--max-total-tokens") == "4096"
     assert "--lsa-config" not in argv
+    # the prefix cache stays on; host-backed LSA rows are evicted first
+    assert "--disable-radix-cache" not in argv
+    assert ls._flag_value(argv, "--radix-cache-backend") == "lsa"
+    assert ls._flag_value(argv, "--radix-eviction-policy") == "priority"
+    argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg), "--radix-eviction-policy", "lru"])
+    assert ls._flag_value(argv, "--radix-eviction-policy") == "lru"
 
 
 def test_page_size_must_match_chunk_size(tmp_path):

@@ -16,9 +16,58 @@ def test_host_mirror_alloc_free_and_budget():
     with pytest.raises(HostMirrorFull, match="need 3 chunk slots, 2 of 5 free"):
         m.alloc(3)
     assert m.free_slots == 2  # a refused request takes nothing
-    m.free(a)
+    m.release(a)
     m.check_integrity()
     assert m.free_slots == 5 and sorted(m.alloc(5)) == [0, 1, 2, 3, 4]
+
+
+def _mirror(n):
+    chunk_bytes = 2 * 3 * 16 * 2 * 8 * 4
+    return HostMirror(3, 16, 2, 8, torch.float32, budget_bytes=chunk_bytes * n, pin=False)
+
+
+def test_host_mirror_shares_published_chunks_by_prefix_hash():
+    m = _mirror(4)
+    a, b = m.alloc(2)
+    m.publish(a, b"h0", meta="keys0")
+    assert m.lookup(b"h0") == a and m.refs(a) == 2  # second holder, no new slot
+    assert m.lookup(b"other") is None
+    assert m.used_slots == 2 and m.free_slots == 2
+    m.release([a, b])  # first holder ends: a still held, b (unpublished) freed
+    assert m.refs(a) == 1 and m.refs(b) == 0 and m.free_slots == 3
+    m.release([a])  # last holder ends: a stays cached and findable, counted free
+    assert m.cached_slots == 1 and m.free_slots == 4 and m.used_slots == 0
+    assert m.lookup(b"h0") == a and m.meta[a] == "keys0" and m.cached_slots == 0
+    m.release([a])
+    m.check_integrity()
+
+
+def test_host_mirror_evicts_least_recently_used_cached_chunks_only_when_needed():
+    m = _mirror(3)
+    s = m.alloc(3)
+    for i, slot in enumerate(s):
+        m.publish(slot, f"h{i}".encode())
+    m.release([s[1]])
+    m.release([s[0]])  # cached order: s1 then s0
+    held = m.lookup(b"h0")  # s0 back in use: only s1 is evictable
+    assert held == s[0]
+    assert m.alloc(1) == [s[1]] and m.lookup(b"h1") is None  # evicted and unpublished
+    with pytest.raises(HostMirrorFull):
+        m.alloc(1)  # everything held: nothing evicted, nothing taken
+    assert m.lookup(b"h2") == s[2] and m.refs(s[2]) == 2
+    m.check_integrity()
+
+
+def test_host_mirror_flush_forgets_cached_but_not_held():
+    m = _mirror(2)
+    a, b = m.alloc(2)
+    m.publish(a, b"ha")
+    m.publish(b, b"hb")
+    m.release([a])
+    assert m.flush() == 1
+    assert m.lookup(b"ha") is None and m.lookup(b"hb") == b
+    assert m.free_slots == 1 and m.refs(b) == 2
+    m.check_integrity()
 
 
 def test_host_mirror_too_small():
