@@ -22,11 +22,13 @@ from lsa_sglang.bench.scoring import all_found, string_match_all
 from lsa_sglang.bench.tasks import Sample
 
 POLICIES = ("indexer", "recency", "random", "quest")
+# method name -> the LSA overrides it adds to its policy (A/B of one setting)
+VARIANTS = {"indexer-nofallback": ("indexer", {"needle_fallback": False})}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str  # stock | dense | indexer | recency | random | quest | server (accuracy against a URL)
+    name: str  # stock | dense | a policy | a VARIANTS key | server (accuracy against a URL)
     server: str  # "stock" or "lsa": which server answers
     lsa: dict[str, Any] | None = None  # custom_params["lsa"]
     budget: int | None = None
@@ -44,14 +46,15 @@ def build_methods(names: Sequence[str], budgets: Sequence[int | None]) -> list[M
             out.append(Method("stock", "stock"))
         elif name == "dense":
             out.append(Method("dense", "lsa", {"enabled": False}))
-        elif name in POLICIES:
+        elif name in POLICIES or name in VARIANTS:
+            policy, extra = VARIANTS.get(name, (name, {}))
             for b in budgets:
-                over: dict[str, Any] = {"policy": name}
+                over: dict[str, Any] = {"policy": policy, **extra}
                 if b is not None:
                     over["page_budget"] = b
                 out.append(Method(name, "lsa", over, b))
         else:
-            raise ValueError(f"unknown method {name!r}; known: stock, dense, {', '.join(POLICIES)}")
+            raise ValueError(f"unknown method {name!r}; known: stock, dense, {', '.join(POLICIES + tuple(VARIANTS))}")
     return out
 
 

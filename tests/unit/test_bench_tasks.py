@@ -261,6 +261,8 @@ def test_methods_summary_and_table():
     assert ms[2].lsa == {"policy": "indexer", "page_budget": 4} and ms[1].lsa == {"enabled": False}
     with pytest.raises(ValueError, match="unknown method"):
         build_methods(["best"], [None])
+    (nofb,) = build_methods(["indexer-nofallback"], [4])
+    assert nofb.lsa == {"policy": "indexer", "needle_fallback": False, "page_budget": 4}
     recs = [
         {"method": "indexer@4", "policy": "indexer", "budget": 4, "length": 1024, "task": t, "score": sc,
          "all_found": sc == 1.0, "kv_ratio": kv}
