@@ -544,13 +544,16 @@ class LSAMemoryManager:
         if pages is None:
             return (gone[0] if gone else n) * cs
         if gone:
-            slots = [table.host_slots[c] for c in gone]
-            done = copy_chunks_to_device(self.host.buffer, slots, self.k_buffers, self.v_buffers, pages)
-            if done is not None:
-                done.synchronize()
+            self._load_now([table.host_slots[c] for c in gone], pages)
             self._set_rows(idx, gone, pages)
             table.resident |= set(gone)
         return n * cs
+
+    def _load_now(self, slots: list[int], pages: list[int]) -> None:
+        """Copy host chunks into device pages and wait for the copy."""
+        done = copy_chunks_to_device(self.host.buffer, slots, self.k_buffers, self.v_buffers, pages)
+        if done is not None:
+            done.synchronize()
 
     def load_back(self, key, match, radix) -> int:
         """Chunks of `key` past the tree's device match that the host mirror still holds
@@ -575,9 +578,7 @@ class LSAMemoryManager:
             pages = self._alloc_pages(len(slots)) if slots else None
             if not pages:
                 return 0
-            done = copy_chunks_to_device(self.host.buffer, slots, self.k_buffers, self.v_buffers, pages)
-            if done is not None:
-                done.synchronize()
+            self._load_now(slots, pages)
             end = (have + len(pages)) * cs
             tree = radix.path_device_indices(match.last_device_node)[: have * cs]
             value = torch.cat([tree.to(torch.int64), self._page_slots(pages).to(tree.device)])
