@@ -19,7 +19,7 @@ from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
 from lsa_sglang.config import LSAConfig
-from lsa_sglang.kernels import as_pages, sparse_decode
+from lsa_sglang.kernels import DecodePlan, as_pages, resident_mask_from_sets, sparse_decode
 
 logger = logging.getLogger(__name__)
 
@@ -62,25 +62,44 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             capture.expect(idxs, ends.tolist())
 
     def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
-        """Once per forward: what each request reads (token slots, or CSR pages for kernels)."""
-        r2t = self.req_to_token_pool.req_to_token
+        """Once per forward: what each request reads (CSR pages for kernels, else token slots)."""
+        self._csr = None
         self._read = []
+        if self._use_kernels():
+            self._csr = self._plan_pages(forward_batch, tables, seq_lens)
+            return
+        r2t = self.req_to_token_pool.req_to_token
         for table, idx, seq_len in zip(tables, idxs, seq_lens):
             if table is None:
                 self._read.append(r2t[idx, :seq_len])
             else:
                 self._read.append(r2t[idx].index_select(0, self.manager.read_positions(table, seq_len)))
-        self._csr = None
-        if self._use_kernels():
-            cs = self.config.chunk_size
-            pages = [slots[::cs] // cs for slots in self._read]
-            counts = torch.tensor([len(p) for p in pages])
-            indptr = torch.zeros(len(pages) + 1, dtype=torch.int32)
-            indptr[1:] = torch.cumsum(counts, 0)
-            last = torch.tensor([len(s) - (len(p) - 1) * cs for s, p in zip(self._read, pages)],
-                                dtype=torch.int32)
-            dev = self.device
-            self._csr = (indptr.to(dev), torch.cat(pages).to(torch.int32).to(dev), last.to(dev))
+
+    def _plan_pages(self, forward_batch, tables, seq_lens):
+        """The kernel path's CSR by tensor ops (kernels.planning), in buffers reused every step:
+        the resident mask is built on the host, the page ids are gathered on the device."""
+        cs = self.config.chunk_size
+        r2t = self.req_to_token_pool.req_to_token
+        resident, mirrored = self._resident_mask(tables, -(-max(seq_lens) // cs))
+        plan = self._decode_plan_buffers(r2t, cs)
+        plan.update(r2t, forward_batch.req_pool_indices, torch.tensor(seq_lens), resident, mirrored)
+        return tuple(plan.csr())
+
+    @staticmethod
+    def _resident_mask(tables, num_chunks: int):
+        """Host ``[B, num_chunks]`` mask of each request's resident mirrored chunks and its
+        ``[B]`` mirrored-chunk counts, from the manager's tables (None: dense, reads all)."""
+        sets = [() if t is None else t.resident for t in tables]
+        mirrored = torch.tensor([0 if t is None else t.mirrored for t in tables], dtype=torch.int64)
+        return resident_mask_from_sets(sets, num_chunks), mirrored
+
+    def _decode_plan_buffers(self, r2t, cs: int) -> DecodePlan:
+        """One DecodePlan for the backend's life, sized for every row of the request pool."""
+        plan = getattr(self, "_decode_plan", None)
+        if plan is None:
+            plan = DecodePlan(r2t.shape[0], -(-r2t.shape[1] // cs), cs, r2t.device)
+            self._decode_plan = plan
+        return plan
 
     def _use_kernels(self) -> bool:
         k = self.config.kernel

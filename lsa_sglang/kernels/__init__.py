@@ -9,6 +9,8 @@ Public API (see each module for the why):
 * ``score_chunks`` - indexer chunk scores, threshold mask and per-page counts;
   ``score_chunks_torch`` and ``score_chunks_triton``.
 * ``copy_chunks_to_device`` / ``copy_chunks_to_host`` - host mirror <-> device pool.
+* ``plan_sparse_decode`` / ``DecodePlan`` - CSR page lists from chunk residency with
+  tensor ops (``DecodePlan``: buffers allocated once, re-plan flag for FlashInfer).
 
 Triton kernels on CPU tensors need ``TRITON_INTERPRET=1`` set before triton is first
 imported (``interpreter_active`` tells whether it was).
@@ -22,13 +24,16 @@ from .chunk_scoring_triton import score_chunks_triton
 from .dispatch import BACKENDS, resolve_backend, sparse_decode
 from .flashinfer_decode import FlashInferSparseDecoder, flashinfer_available, sparse_decode_flashinfer
 from .paged_layout import as_pages, check_decode_inputs, tokens_per_request
+from .planning import DecodePlan, SparsePlan, plan_sparse_decode, resident_mask_from_sets
 from .reference import sparse_decode_torch
 from .triton_decode import SplitWorkspace, choose_num_splits, sparse_decode_triton
 
 __all__ = [
     "BACKENDS",
     "ChunkScores",
+    "DecodePlan",
     "FlashInferSparseDecoder",
+    "SparsePlan",
     "SplitWorkspace",
     "add_sinks_",
     "as_pages",
@@ -42,6 +47,8 @@ __all__ = [
     "interpreter_active",
     "merge_states",
     "page_layout",
+    "plan_sparse_decode",
+    "resident_mask_from_sets",
     "resolve_backend",
     "score_chunks",
     "score_chunks_torch",
