@@ -260,6 +260,7 @@ class _Servers:
         self.args, self.model_path, self.preset, self.flags = args, model_path, preset, flags
         self._logs: Path | None = None
         self.info: dict[str, dict[str, Any]] = {}
+        self.log: Path | None = None  # log of the server `run` started (None for --*-url)
 
     @property
     def logs(self) -> Path:
@@ -280,6 +281,7 @@ class _Servers:
             if not client.healthy():
                 raise CliError(f"{kind} server at {url} is not healthy")
             self.info[kind] = {"url": url, "started": False, "server_info": _brief_info(client.server_info())}
+            self.log = None
             return fn(client)
         if kind == "stock":
             server = stock_server(self.model_path, self.flags, self.logs / "stock.log",
@@ -294,6 +296,7 @@ class _Servers:
             client = ServerClient(server.url)
             self.info[kind] = {"command": server.cmd, "started": True, "startup_s": round(startup, 1),
                                "log": str(server.log), "server_info": _brief_info(client.server_info())}
+            self.log = server.log
             return fn(client)
 
 
@@ -557,7 +560,7 @@ def _throughput_run(args: argparse.Namespace) -> int:
                     for c in levels:
                         r = tp.measure(client.url, prompts[c], args.output_len, c, lsa=lsa,
                                        interval=args.sample_interval, progress=not args.quiet,
-                                       desc=f"{target} x{c}", kv_bytes_per_token=kvb)
+                                       desc=f"{target} x{c}", kv_bytes_per_token=kvb, server_log=servers.log)
                         r["target"] = target
                         out.append(r)
                 return out

@@ -6,7 +6,10 @@ detokenizer). It registers:
 - the `lsa` radix cache backend (lsa_sglang.memory.radix),
 - hooks: per-request overrides and a refusal of prompts the host mirror can never hold when a
   `Req` is built, host-mirror admission control in the prefill adder, LSA stats in the
-  scheduler's internal state,
+  scheduler's internal state, and capacity: the prefill adder reserves for a running LSA row
+  what LSA will really hold (`LSAMemoryManager.decode_need_tokens`, not its remaining
+  max_new_tokens), memory LSA gave back reopens admission (SGLang's `batch_is_full` is
+  otherwise cleared only when a request leaves the batch), retractions are counted,
 - the `GET /lsa/stats` route on SGLang's HTTP app (in the launcher process).
 Everything here is idempotent.
 """
@@ -57,6 +60,17 @@ def register() -> None:
     )
     HookRegistry.register(
         "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _around_add_one_req, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset",
+        _around_running_offset,
+        HookType.AROUND,
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", _around_new_batch_prefill, HookType.AROUND
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract, HookType.AFTER
     )
     if multiprocessing.current_process().name == "MainProcess":
         _add_http_routes()
@@ -120,10 +134,36 @@ def _around_add_one_req(original, adder, req, *args, **kwargs):
     if m is not None and not m.try_reserve(req.rid, len(req.origin_input_ids)):
         from sglang.srt.managers.schedule_policy import AddReqResult
 
+        m.note_host_wait(req.rid)
         return AddReqResult.OTHER
     result = original(adder, req, *args, **kwargs)
     if m is not None and req not in adder.can_run_list and getattr(adder, "new_chunked_req", None) is not req:
         m.forget_request_reservation(req.rid)
+    return result
+
+
+def _around_running_offset(original, adder, req, *args, **kwargs):
+    """Decode tokens the adder keeps free for a running request: for an LSA row, the bound
+    on what it may still add to the device (its resident budget, not its sequence)."""
+    m = _manager()
+    need = None if m is None else m.decode_need_tokens(req)
+    return original(adder, req, *args, **kwargs) if need is None else need
+
+
+def _around_new_batch_prefill(original, scheduler, running_batch, *args, **kwargs):
+    """Memory LSA returned since the last pass lets the adder try the queue again. It only
+    clears SGLang's 'a prefill did not fit' flag: the adder still checks free + evictable
+    memory against every running request's reservation, and sets the flag again if short."""
+    m = _manager()
+    if m is not None and m.take_returned_memory():
+        running_batch.batch_is_full = False
+    return original(scheduler, running_batch, *args, **kwargs)
+
+
+def _after_retract(result, *args, **kwargs):
+    m = _manager()
+    if m is not None:
+        m.server["retracted_requests"] += len(result[0])
     return result
 
 

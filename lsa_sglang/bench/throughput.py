@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -143,11 +145,23 @@ async def _drive(url: str, prompts: Sequence[str], output_len: int, concurrency:
     return {"results": results, "samples": samples, "wall_s": wall}
 
 
+def retracted_in_log(text: str) -> int:
+    """Requests SGLang's scheduler retracted (KV pool full), summed over its log lines."""
+    return sum(int(n) for n in re.findall(r"Retract requests\. #retracted_reqs: (\d+)", text))
+
+
 def measure(url: str, prompts: Sequence[str], output_len: int, concurrency: int, *,
             lsa: dict[str, Any] | None = None, interval: float = 1.0, progress: bool = True,
-            desc: str = "load", kv_bytes_per_token: int | None = None) -> dict[str, Any]:
-    """Run the load and reduce it to the numbers the report shows."""
+            desc: str = "load", kv_bytes_per_token: int | None = None,
+            server_log: Path | None = None) -> dict[str, Any]:
+    """Run the load and reduce it to the numbers the report shows. `server_log`: the server's
+    log file, read for retractions during this run (None: a server we did not start, unknown)."""
+    client = ServerClient(url)
+    log_start = server_log.stat().st_size if server_log else 0
+    st = client.lsa_stats() if client.is_lsa() else None
+    waits0 = st["server"].get("host_waits", 0) if st else None
     run = asyncio.run(_drive(url, prompts, output_len, concurrency, lsa, interval, progress, desc))
+    st = client.lsa_stats() if waits0 is not None else None
     ok = [r for r in run["results"] if "error" not in r]
     errors = [r["error"] for r in run["results"] if "error" in r]
     samples = run["samples"]
@@ -169,6 +183,14 @@ def measure(url: str, prompts: Sequence[str], output_len: int, concurrency: int,
     for name, xs in (("ttft_s", ttft), ("tpot_s", tpot)):
         for q in (50, 90, 99):
             res[f"{name}_p{q}"] = percentile(xs, q)
+    if server_log:
+        with open(server_log, "rb") as fh:
+            fh.seek(log_start)
+            res["retracted"] = retracted_in_log(fh.read().decode(errors="replace"))
+    else:
+        res["retracted"] = None
+    # requests that waited in the queue for host-mirror room (LSA only)
+    res["host_waits"] = st["server"].get("host_waits", 0) - waits0 if st else None
     res["admitted_max"] = max(running) if running else None
     res["admitted_mean"] = (sum(s["num_running_reqs"] for s in busy if "num_running_reqs" in s)
                             / max(1, sum(1 for s in busy if "num_running_reqs" in s))) if running else None
@@ -211,7 +233,7 @@ def _fmt(v: Any, spec: str = ".2f") -> str:
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
     head = ["target", "conc", "done", "out tok/s", "admitted max/mean", "decoding max", "TTFT p50/p90/p99 s",
-            "TPOT p50/p90/p99 ms", "KV MiB mean/max", "err"]
+            "TPOT p50/p90/p99 ms", "KV MiB mean/max", "retracted", "host waits", "err"]
     lines = []
     for r in rows:
         mib = lambda v: None if v is None else v / 2**20  # noqa: E731
@@ -223,7 +245,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
             "/".join(_fmt(r[f"tpot_s_p{q}"] * 1000 if r[f"tpot_s_p{q}"] == r[f"tpot_s_p{q}"] else None, ".0f")
                      for q in (50, 90, 99)),
             f"{_fmt(mib(r.get('device_kv_bytes_mean')), '.0f')}/{_fmt(mib(r.get('device_kv_bytes_max')), '.0f')}",
-            str(r["n_errors"]),
+            _fmt(r.get("retracted"), "d"), _fmt(r.get("host_waits"), "d"), str(r["n_errors"]),
         ])
     widths = [max(len(h), *(len(c[i]) for c in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731

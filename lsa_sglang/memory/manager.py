@@ -34,7 +34,13 @@ from typing import Any
 import torch
 
 from lsa_sglang.config import LSAConfig
-from lsa_sglang.indexer import SelectionParams, candidate_chunks, needs_fallback, select_chunks
+from lsa_sglang.indexer import (
+    SelectionParams,
+    candidate_chunks,
+    device_budget_chunks,
+    needs_fallback,
+    select_chunks,
+)
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
 from lsa_sglang.memory.prefetcher import Prefetcher
@@ -93,6 +99,7 @@ class ChunkTable:
     kmin: list[torch.Tensor] = field(default_factory=list)
     kmax: list[torch.Tensor] = field(default_factory=list)
     steps: int = 0  # decode steps since the last window boundary
+    seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
     stats: RequestStats | None = None
 
@@ -138,8 +145,12 @@ class LSAMemoryManager:
             "stalls": 0, "stall_seconds": 0.0, "indexer_seconds": 0.0, "fallbacks": 0,
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
             "prefix_hit_tokens": 0, "host_chunks_shared": 0, "device_cells_saved": 0,
-            "prefix_host_loaded_tokens": 0,
+            "prefix_host_loaded_tokens": 0, "retracted_requests": 0, "host_waits": 0,
         }
+        # Set whenever device memory goes back to SGLang (cells freed, tree pages unlocked);
+        # the scheduler hook reopens admission on it (`take_returned_memory`).
+        self.returned_memory = False
+        self._host_waited: set[str] = set()
         self.overrides: dict[str, dict[str, Any]] = {}  # rid -> per-request LSA overrides
         self.reqs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # rid -> Req
         # Host slots promised to requests admitted to prefill but not yet mirrored.
@@ -240,6 +251,7 @@ class LSAMemoryManager:
         from lsa_sglang.memory.radix import active_radix
 
         active_radix().detach(req)
+        self.returned_memory = True  # the prompt's tree pages are evictable now
         return True
 
     def _give_up(self, table: ChunkTable) -> None:
@@ -267,6 +279,23 @@ class LSAMemoryManager:
             return None
         return got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
 
+    def _alloc_spare_pages(self, n: int) -> list[int] | None:
+        """n free pages, only if the running LSA requests' decode needs still fit after them
+        and without evicting: for work no request waits on (finished rows' load-back)."""
+        reserved = sum(self.decode_need_tokens(r) or 0 for r in self._running_reqs())
+        if n and self.allocator.available_size() - n * self.cs < reserved:
+            return None
+        got = self.allocator.alloc(n * self.cs) if n else None
+        if n and got is None:
+            return None
+        return [] if not n else got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
+
+    def _running_reqs(self):
+        for t in self.tables.values():
+            req = self._req(t.req_pool_idx, t.rid)
+            if req is not None and not req.finished():
+                yield req
+
     def _boundary(self, table: ChunkTable, seq_len: int) -> None:
         table.steps = 0
         st = table.stats
@@ -282,10 +311,14 @@ class LSAMemoryManager:
                     self.server["stalls"] += 1
                     self.server["stall_seconds"] += waited
             self._apply(table, pending.resident, pending.new_pages)
-        self._mirror_new_chunks(table, seq_len, self._req(table.req_pool_idx, table.rid))
-        selection = self._select(table, seq_len)
-        if selection is not None:
-            self._start_prefetch(table, selection)
+        req = self._req(table.req_pool_idx, table.rid)
+        self._mirror_new_chunks(table, seq_len, req)
+        # The set selected now is swapped in at the next boundary: a request that ends before
+        # it would only hold cells it never reads (and that admission had to reserve).
+        if req is None or _steps_left(req) >= table.config.tau:
+            selection = self._select(table, seq_len)
+            if selection is not None:
+                self._start_prefetch(table, selection)
         self._publish()
         logger.debug(
             "lsa window rid=%s seq=%d mirrored=%d resident=%d next=%s stalls=%d",
@@ -434,6 +467,7 @@ class LSAMemoryManager:
                 k.index_fill_(0, slots, float("nan"))
                 v.index_fill_(0, slots, float("nan"))
         self.allocator.free(slots)
+        self.returned_memory = True
 
     def _apply(self, table: ChunkTable, resident: set[int], new_pages: dict[int, int]) -> None:
         """Swap `resident` in: prefetched cells become visible, evicted ones are released."""
@@ -482,6 +516,7 @@ class LSAMemoryManager:
         return torch.cat(parts).to(self.device)
 
     def _account(self, table: ChunkTable, seq_len: int) -> None:
+        table.seq_len = seq_len
         st = table.stats
         st.output_tokens = seq_len - table.prompt_tokens
         total_pages = -(-seq_len // self.cs)
@@ -536,11 +571,7 @@ class LSAMemoryManager:
         self.server["device_cells_saved"] += len(owned)
         req.kv.cache_protected_len = shared * cs
         gone = [c for c in range(shared, min(n, table.mirrored)) if c not in table.resident]
-        lock = radix.lock(match.last_device_node)  # making room must not evict the match
-        try:
-            pages = self._alloc_pages(len(gone))
-        finally:
-            radix.unlock(lock)
+        pages = self._alloc_spare_pages(len(gone))
         if pages is None:
             return (gone[0] if gone else n) * cs
         if gone:
@@ -620,9 +651,46 @@ class LSAMemoryManager:
         self.host_reserved.pop(rid, None)
 
     def forget_request(self, rid: str) -> None:
-        """A request left before its first decode step (aborted in the queue or in prefill)."""
+        """A request ended (or left before its first decode step: aborted in the queue or in prefill)."""
         self.host_reserved.pop(rid, None)
+        self._host_waited.discard(rid)
         self.overrides.pop(rid, None)
+
+    # -- what admission reserves ---------------------------------------------------------
+    def decode_need_tokens(self, req) -> int | None:
+        """Most device KV tokens this LSA decode row may still add to what it holds now (None:
+        not an LSA row; SGLang's own estimate applies). The prefill adder reserves this for a
+        running request instead of its remaining `max_new_tokens`: an LSA row holds at most
+        its resident set, the next window's prefetched cells and an unmirrored tail shorter
+        than a chunk plus a window, however long its sequence grows."""
+        table = self.table_of(req)
+        if table is None or not table.config.enabled:
+            return None
+        cs, tau = self.cs, table.config.tau
+        left = _steps_left(req)
+        pending = len(table.pending.new_pages) if table.pending else 0
+        tail = table.seq_len - table.mirrored * cs  # unmirrored tokens now
+        held = len(table.resident) + pending + -(-tail // cs)
+        to_next = tau - table.steps  # steps until the pending set is swapped in
+        budget = max(len(table.resident), device_budget_chunks(SelectionParams.from_config(table.config)))
+        prefetch = budget if left - to_next >= tau else 0  # cells of a set selected later
+        chunks = max(len(table.resident) + pending, budget + prefetch)
+        if left <= to_next or self.host.free_slots * cs < tail + left:
+            tail_max = tail + left  # no boundary ahead, or the mirror may not take the tail
+        else:
+            tail_max = max(tail + to_next, cs - 1 + min(tau, left - to_next))
+        return max(0, chunks + -(-tail_max // cs) - held) * cs
+
+    def take_returned_memory(self) -> bool:
+        """Whether device memory went back to SGLang since the last call (then cleared)."""
+        returned, self.returned_memory = self.returned_memory, False
+        return returned
+
+    def note_host_wait(self, rid: str) -> None:
+        """A request waits in the queue because its host mirror does not fit yet."""
+        if rid not in self._host_waited:
+            self._host_waited.add(rid)
+            self.server["host_waits"] += 1
 
     # -- observability -----------------------------------------------------------------
     def _publish(self) -> None:
@@ -669,3 +737,8 @@ def prefix_hashes(tokens, chunk_size: int, n: int, extra_key=None, cache_salt=No
         prev = hashlib.blake2b(prev + body.numpy().tobytes(), digest_size=16).digest()
         chain.append(prev)
     return chain
+
+
+def _steps_left(req) -> int:
+    """Decode steps a request may still take (its max_new_tokens bound)."""
+    return max(0, req.sampling_params.max_new_tokens - len(req.output_ids))
