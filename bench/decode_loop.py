@@ -34,7 +34,7 @@ Host memory: one shared pinned host mirror (``--host-gib``) into which every req
 chunk ids map (slot = (request * chunks + chunk) mod slots); the copies move real bytes
 of the real size, the mirror just does not hold a distinct copy of every request.
 
-    python bench/decode_loop.py --json OUT.json           # GPU (about 2-3 minutes on an H200)
+    python bench/decode_loop.py --json OUT.json           # GPU (under a minute on an H200)
     python bench/decode_loop.py --smoke --json OUT.json   # CPU, tiny shapes, a few seconds
 
 ``--smoke`` runs the same loop on CPU at tiny shapes with the torch reference decode and
@@ -168,27 +168,55 @@ class InFlight:
 
 
 class SideStreamCopier:
-    """Copies on a side CUDA stream; the decode stream waits on the H2D event only."""
+    """Copies on a side CUDA stream, issued from a worker thread as the server's Prefetcher
+    does (so the decode thread queues the next window meanwhile); the decode stream waits
+    on the H2D event only."""
 
-    name = "cuda-side-stream"
+    name = "cuda-side-stream (copies issued from a worker thread)"
 
     def __init__(self, device: torch.device, clock: Clock) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.device = device
         self.stream = torch.cuda.Stream(device=device)
         self.clock = clock
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode-loop-prefetch")
 
-    def submit(self, decode_stream, h2d: Callable[[object], None], d2h: Callable[[object], None], h2d_bytes: int, d2h_bytes: int) -> InFlight:
-        self.stream.wait_stream(decode_stream)  # the freed pages' last reads are queued there
-        start = self.clock.mark(self.stream)
-        h2d(self.stream)
-        h2d_done = self.clock.mark(self.stream)
-        d2h(self.stream)
-        d2h_done = self.clock.mark(self.stream)
-        return InFlight(start, h2d_done, d2h_done, h2d_bytes, d2h_bytes)
+    def submit(self, decode_stream, h2d: Callable[[object], None], d2h: Callable[[object], None], h2d_bytes: int, d2h_bytes: int):
+        # Recorded here, before the next window is queued: the copies start after the reads
+        # of the pages they refill, and overlap with everything queued later.
+        ready = torch.cuda.Event()
+        ready.record(decode_stream)
 
-    def wait(self, decode_stream, flight: InFlight) -> Tuple[object, object]:
+        def work() -> InFlight:
+            with torch.cuda.device(self.device):
+                self.stream.wait_event(ready)
+                start = self.clock.mark(self.stream)
+                h2d(self.stream)
+                h2d_done = self.clock.mark(self.stream)
+                d2h(self.stream)
+                return InFlight(start, h2d_done, self.clock.mark(self.stream), h2d_bytes, d2h_bytes)
+
+        return self.worker.submit(work)
+
+    def wait(self, decode_stream, pending) -> Tuple[InFlight, Tuple[object, object]]:
+        """``(flight, (before, after))``: the events around the decode stream's wait, which
+        include any time the host spent waiting for the worker to issue the copies."""
         before = self.clock.mark(decode_stream)
+        flight = pending.result()
         decode_stream.wait_event(flight.h2d_done)
-        return before, self.clock.mark(decode_stream)
+        return flight, (before, self.clock.mark(decode_stream))
+
+    def close(self) -> None:
+        self.worker.shutdown(wait=True)
+
+
+class _Done:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
 
 
 class SyncCopyStandIn:
@@ -200,16 +228,19 @@ class SyncCopyStandIn:
         self.stream = None
         self.clock = clock
 
-    def submit(self, decode_stream, h2d, d2h, h2d_bytes: int, d2h_bytes: int) -> InFlight:
+    def submit(self, decode_stream, h2d, d2h, h2d_bytes: int, d2h_bytes: int) -> _Done:
         start = self.clock.mark()
         h2d(None)
         h2d_done = self.clock.mark()
         d2h(None)
-        return InFlight(start, h2d_done, self.clock.mark(), h2d_bytes, d2h_bytes)
+        return _Done(InFlight(start, h2d_done, self.clock.mark(), h2d_bytes, d2h_bytes))
 
-    def wait(self, decode_stream, flight: InFlight) -> Tuple[object, object]:
+    def wait(self, decode_stream, pending: _Done) -> Tuple[InFlight, Tuple[object, object]]:
         t = self.clock.mark()
-        return t, t
+        return pending.result(), (t, t)
+
+    def close(self) -> None:
+        pass
 
 
 class _NullStream:
@@ -395,9 +426,9 @@ class LsaState:
 
 
 # -- one configuration -------------------------------------------------------------------
-def run_lsa(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
+def run_lsa(ctx: Dict, context: int, batch: int, seed: int, churn: float) -> Dict:
     shape, device, args, clock = ctx["shape"], ctx["device"], ctx["args"], ctx["clock"]
-    sizes = LsaSizes.of(context, shape, args.budget_frac, args.churn, args.recent_tokens)
+    sizes = LsaSizes.of(context, shape, args.budget_frac, churn, args.recent_tokens)
     state = LsaState(batch, sizes, ctx["host_in"], device, seed)
     pool = Pool(batch * sizes.device_pages, shape, device, seed)
     decoder = Decoder(pool, state.csr, batch, shape, sizes.read_pages * shape.chunk, device, ctx["path"], seed + 1)
@@ -407,7 +438,8 @@ def run_lsa(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
     chunk_indptr = torch.arange(0, (batch + 1) * sizes.chunks, sizes.chunks, dtype=torch.int32, device=device)
     host, host_in = ctx["host"], ctx["host_in"]
     stream, copier = ctx["decode_stream"], ctx["copier"]
-    row = {"kind": "lsa", "context": context, "batch": batch, **{f"lsa_{k}": v for k, v in asdict(sizes).items()}}
+    row = {"kind": "lsa", "context": context, "batch": batch, "churn": churn, "stress": churn != args.churn,
+           **{f"lsa_{k}": v for k, v in asdict(sizes).items()}}
     _sync(ctx)  # set-up ran on the default stream; the loop runs on the decode stream
     with ctx["stream_ctx"](stream):
         why = decoder.capture(ctx["graphs"])
@@ -426,10 +458,11 @@ def run_lsa(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
             if window == args.warm_windows:
                 start = clock.mark(stream)
             if flight is not None:  # (1) the boundary: wait for the chunks about to be read, swap
-                rec["stall"] = copier.wait(stream, flight)
+                rec["flight"], rec["stall"] = copier.wait(stream, flight)
                 state.swap(*pending)
-                rec["flight"] = flight
-            # (2) selection for the next window
+            # (2) selection for the next window; the host reads its result, so the queue
+            # drains here (as in the server): time the host part after the drain
+            _stream_sync(ctx, stream)
             t_host = time.perf_counter()
             s0 = clock.mark(stream)
             q_idx = torch.empty(batch, INDEXER_HEADS, INDEXER_DIM, dtype=shape.torch_dtype, device=device).normal_(generator=gen)
@@ -465,9 +498,10 @@ def run_lsa(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
             if window >= args.warm_windows:
                 per_window.append(rec)
         end = clock.mark(stream)
+        if flight is not None:
+            flight.result()  # the last window's copies are issued (and then finished, below)
         total = clock.seconds(start, end)
-        if ctx["cuda"]:
-            torch.cuda.synchronize(device)
+        _sync(ctx)
         steps = args.windows * shape.tau
         stall = sum(clock.seconds(*r["stall"]) for r in per_window if "stall" in r)
         selection = sum(clock.seconds(*r["selection"]) for r in per_window)
@@ -503,12 +537,17 @@ def run_lsa(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
     return row
 
 
+def _stream_sync(ctx: Dict, stream) -> None:
+    if ctx["cuda"]:
+        stream.synchronize()
+
+
 def _sync(ctx: Dict) -> None:
     if ctx["cuda"]:
         torch.cuda.synchronize(ctx["device"])
 
 
-def run_dense(ctx: Dict, context: int, batch: int, seed: int) -> Dict:
+def run_dense(ctx: Dict, context: int, batch: int, seed: int, churn: float = 0.0) -> Dict:
     shape, device, args, clock = ctx["shape"], ctx["device"], ctx["args"], ctx["clock"]
     pages = context // shape.chunk
     pool = Pool(batch * pages, shape, device, seed)
@@ -679,11 +718,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--budget-gib", type=float, help="device KV budget both sides get")
     ap.add_argument("--budget-frac", type=float, default=0.11, help="selected chunks / context chunks")
     ap.add_argument("--churn", type=float, default=0.25, help="fraction of the selected chunks replaced per window")
+    ap.add_argument("--stress-churn", type=float, nargs="*", default=[1.0],
+                    help="extra LSA runs at these churns (1.0: the whole selection changes every window), "
+                         "each at the batch its memory fits")
     ap.add_argument("--recent-tokens", type=int)
     ap.add_argument("--layers", type=int)
     ap.add_argument("--host-gib", type=float, help="size of the one shared (pinned) host mirror")
     ap.add_argument("--warm-windows", type=int, default=1)
-    ap.add_argument("--windows", type=int, default=2, help="timed windows per LSA configuration")
+    ap.add_argument("--windows", type=int, help="timed windows per LSA configuration (GPU 3, smoke 1)")
     ap.add_argument("--attn-reps", type=int, default=10)
     ap.add_argument("--dense-reps", type=int, default=12)
     ap.add_argument("--no-graphs", action="store_true")
@@ -693,16 +735,14 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     if args.smoke:
-        defaults = dict(contexts=[512, 1024], batches=[1, 2], max_batch=4, budget_gib=0.5 / 1024,
-                        recent_tokens=32, layers=2, host_gib=64 / 1024 / 1024, attn_reps=2, dense_reps=2)
+        defaults = dict(contexts=[512, 1024], batches=[1], max_batch=4, budget_gib=0.5 / 1024,
+                        recent_tokens=32, layers=2, host_gib=64 / 1024 / 1024, attn_reps=2, dense_reps=2, windows=1)
     else:
         defaults = dict(contexts=[32768, 131072], batches=[1, 8, 32], max_batch=64, budget_gib=64.0,
-                        recent_tokens=512, layers=32, host_gib=4.0)
+                        recent_tokens=512, layers=32, host_gib=4.0, windows=3)
     for k, v in defaults.items():
         if getattr(args, k) is None or (args.smoke and k in ("attn_reps", "dense_reps")):
             setattr(args, k, v)
-    if args.smoke:
-        args.windows = min(args.windows, 2)
     return args
 
 
@@ -741,7 +781,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     ctx["copier"] = SideStreamCopier(device, clock) if cuda else SyncCopyStandIn(device, clock)
 
-    plans, rows, skipped, summary = [], [], [], []
+    head, stress, sweep, rows, skipped, summary = [], [], [], [], [], []
     for context in args.contexts:
         sizes = LsaSizes.of(context, shape, args.budget_frac, args.churn, args.recent_tokens)
         dense_fits = budget // (context * shape.token_bytes)
@@ -751,34 +791,36 @@ def main(argv: Optional[List[str]] = None) -> int:
                             dense_kv_bytes_per_request=context * shape.token_bytes,
                             lsa_device_kv_bytes_per_request=sizes.device_pages * shape.page_bytes,
                             lsa_read_tokens_per_request=(sizes.read_pages - 0.5) * shape.chunk))
-        # headline pair first, then the sweep, so a time-out loses the least
+        # headline pairs first, then the high-churn runs, then the sweeps: a time-out loses the least
         d_batches = plan_batches(dense_fits, args.max_batch, args.batches)
         l_batches = plan_batches(lsa_fits, args.max_batch, args.batches)
-        order = [("dense", b) for b in d_batches[-1:]] + [("lsa", b) for b in l_batches[-1:]]
-        order += [("dense", b) for b in d_batches[:-1]] + [("lsa", b) for b in l_batches[:-1]]
-        plans += [(kind, context, b) for kind, b in order]
+        head += [("dense", context, b, 0.0) for b in d_batches[-1:]] + [("lsa", context, b, args.churn) for b in l_batches[-1:]]
+        for churn in args.stress_churn:
+            fits = budget // (LsaSizes.of(context, shape, args.budget_frac, churn, args.recent_tokens).device_pages * shape.page_bytes)
+            stress += [("lsa", context, b, churn) for b in plan_batches(fits, args.max_batch, [])]
+        sweep += [("dense", context, b, 0.0) for b in d_batches[:-1]] + [("lsa", context, b, args.churn) for b in l_batches[:-1]]
 
-    for i, (kind, context, batch) in enumerate(plans):
+    for i, (kind, context, batch, churn) in enumerate(head + stress + sweep):
+        label = {"kind": kind, "context": context, "batch": batch, **({"churn": churn} if kind == "lsa" else {})}
         elapsed = time.perf_counter() - wall0
         if elapsed > args.time_budget_s:
-            skipped.append({"kind": kind, "context": context, "batch": batch, "why": f"time budget ({elapsed:.0f} s)"})
+            skipped.append({**label, "why": f"time budget ({elapsed:.0f} s)"})
             continue
         if kind == "lsa":
-            sizes = LsaSizes.of(context, shape, args.budget_frac, args.churn, args.recent_tokens)
+            sizes = LsaSizes.of(context, shape, args.budget_frac, churn, args.recent_tokens)
             need = batch * (sizes.device_pages + sizes.churn) * shape.page_bytes  # pool + H2D staging
         else:
             need = batch * context * shape.token_bytes
         if cuda:
             free, _ = torch.cuda.mem_get_info(device)
             if need > min(args.max_device_gib * GiB, free - 4 * GiB):
-                skipped.append({"kind": kind, "context": context, "batch": batch,
-                                "why": f"needs {need / GiB:.1f} GiB (cap {args.max_device_gib} GiB, free {free / GiB:.1f} GiB)"})
+                skipped.append({**label, "why": f"needs {need / GiB:.1f} GiB (cap {args.max_device_gib} GiB, free {free / GiB:.1f} GiB)"})
                 continue
         t0 = time.perf_counter()
         try:
-            row = (run_lsa if kind == "lsa" else run_dense)(ctx, context, batch, args.seed + i)
+            row = (run_lsa if kind == "lsa" else run_dense)(ctx, context, batch, args.seed + i, churn)
         except Exception as exc:  # noqa: BLE001 - record and go on with the next configuration
-            row = {"kind": kind, "context": context, "batch": batch, "error": f"{type(exc).__name__}: {exc}"[:400]}
+            row = {**label, "error": f"{type(exc).__name__}: {exc}"[:400]}
         row["wall_s"] = time.perf_counter() - t0
         if "step_s" in row:
             finish_row(row, shape, bw)
@@ -788,6 +830,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if cuda:
             torch.cuda.synchronize(device)
             torch.cuda.empty_cache()
+    ctx["copier"].close()
     for s in summary:
         fill_summary(s, rows, shape, bw)
 
@@ -803,6 +846,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "shape": asdict(shape),
         "settings": {
             "budget_gib": args.budget_gib, "budget_frac": args.budget_frac, "churn": args.churn,
+            "stress_churn": args.stress_churn,
             "recent_tokens": args.recent_tokens, "contexts": args.contexts, "batches": args.batches,
             "max_batch": args.max_batch, "warm_windows": args.warm_windows, "windows": args.windows,
             "decode_path": path, "graphs": ctx["graphs"], "copier": ctx["copier"].name,
@@ -828,6 +872,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             "stall = time the decode stream waited at a boundary for the prefetch it reads next (CUDA events)",
             "lsa device KV per request = sink + selected + recency pages + growing page + churn pages in flight "
             "+ one spare tail page; the H2D staging buffer is transient and not counted",
+            "selection: the host reads the chosen chunks, so the decode queue drains at every boundary (as in "
+            "the server); selection_host_s_per_window is the host time after that drain",
+            "stress rows: churn 1.0 replaces the whole selection every window (random-selection-like traffic); "
+            "each runs at the batch its larger in-flight set fits in the same budget",
+            "sdpa: torch SDPA (no split-K) over contiguous KV, the query heads of a KV head as query rows; at "
+            "small batch it has too few blocks to fill the GPU, so it is a reference, not a ceiling",
         ],
         "wall_s": time.perf_counter() - wall0,
     }
@@ -867,7 +917,8 @@ def finish_row(row: Dict, shape: Shape, bw: Dict) -> None:
 def fill_summary(s: Dict, rows: List[Dict], shape: Shape, bw: Dict) -> None:
     def find(kind, batch):
         for r in rows:
-            if r["kind"] == kind and r["context"] == s["context"] and r["batch"] == batch and "step_s" in r:
+            if (r["kind"] == kind and r["context"] == s["context"] and r["batch"] == batch and "step_s" in r
+                    and not r.get("stress")):
                 return r
         return None
 
@@ -882,9 +933,14 @@ def fill_summary(s: Dict, rows: List[Dict], shape: Shape, bw: Dict) -> None:
     if d is not None and l is not None:
         s["tokens_per_s_ratio_lsa_over_dense"] = l["tokens_per_s"] / d["tokens_per_s"]
         s["tokens_per_s_ratio_with_weights_est"] = l["tokens_per_s_with_weights_est"] / d["tokens_per_s_with_weights_est"]
+    s["stress"] = [
+        {k: r[k] for k in ("churn", "batch", "tokens_per_s", "stall_frac", "step_s", "h2d_bytes_per_window", "h2d_gbps")}
+        | ({"tokens_per_s_ratio_lsa_over_dense": r["tokens_per_s"] / d["tokens_per_s"]} if d is not None else {})
+        for r in rows if r.get("stress") and r["context"] == s["context"] and "step_s" in r
+    ]
     same = {}
     for r in rows:
-        if r["kind"] == "lsa" and r["context"] == s["context"] and "step_s" in r:
+        if r["kind"] == "lsa" and r["context"] == s["context"] and "step_s" in r and not r.get("stress"):
             dr = find("dense", r["batch"])
             if dr is not None:
                 same[str(r["batch"])] = dr["step_s"] / r["step_s"]
@@ -897,7 +953,7 @@ def format_row(r: Dict) -> str:
     extra = ""
     if r["kind"] == "lsa":
         h2d = r.get("h2d_gbps")
-        extra = (f" stall {r['stall_frac']:6.1%} sel {r['selection_gpu_s_per_window'] * 1e3:6.2f} ms/win"
+        extra = (f" churn {r['churn']:.2f} stall {r['stall_frac']:6.1%} sel {r['selection_gpu_s_per_window'] * 1e3:6.2f} ms/win"
                  f" h2d {h2d if h2d is None else round(h2d, 1)} GB/s")
     elif "sdpa" in r and "step_s" in r["sdpa"]:
         extra = f" sdpa {r['sdpa']['step_s'] * 1e3:8.3f} ms"
@@ -917,6 +973,11 @@ def print_summary(result: Dict) -> None:
         print(f"{s['context']:>7} {s['dense_fits']:>8}/{s['dense_batch']:<5} {s['lsa_fits']:>8}/{s['lsa_batch']:<5}"
               f" {f('dense_tokens_per_s'):>12} {f('lsa_tokens_per_s'):>12}"
               f" {'-' if ratio is None else f'{ratio:.2f}x':>7} {'-' if wratio is None else f'{wratio:.2f}x':>8}")
+    for s in result["summary"]:
+        for r in s.get("stress", []):
+            ratio = r.get("tokens_per_s_ratio_lsa_over_dense")
+            print(f"{s['context']:>7} churn {r['churn']:.2f}: lsa batch {r['batch']} {r['tokens_per_s']:.1f} tok/s, "
+                  f"stall {r['stall_frac']:.1%}" + ("" if ratio is None else f", {ratio:.2f}x dense"))
     c = result["correctness"]
     if c:
         print(f"correctness: ok={c['ok']} err vs torch {c['max_abs_err_vs_sparse_decode_torch']:.2e} "
