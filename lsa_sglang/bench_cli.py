@@ -496,7 +496,9 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=parse_tokens, required=True, help="prompt length in tokens, e.g. 8K")
     p.add_argument("--output-len", type=int, default=64, help="tokens decoded per request (ignore_eos)")
     p.add_argument("--concurrency", type=int_list, default=[1, 4], help="concurrent clients, e.g. 1,4,16")
-    p.add_argument("--num-requests", type=int, default=None, help="requests per level (default 2 x concurrency)")
+    p.add_argument("--num-requests", type=int, default=None,
+                   help="requests per level (default --rounds x concurrency)")
+    p.add_argument("--rounds", type=int, default=2, help="requests per client at each level (default 2)")
     p.add_argument("--targets", type=name_list, default=["stock", "lsa"],
                    help="stock, lsa, dense (dense = LSA server with LSA off per request)")
     p.add_argument("--lsa", type=json_obj, default=None, metavar="JSON", help="per-request overrides for 'lsa'")
@@ -523,7 +525,7 @@ def _throughput_run(args: argparse.Namespace) -> int:
     model_path = str(_resolve_model(args.model_path))
     counter = load_hf_tokenizer(model_path)
     levels = args.concurrency
-    n_req = {c: args.num_requests or 2 * c for c in levels}
+    n_req = {c: args.num_requests or args.rounds * c for c in levels}
     # Distinct prompts per level (and one warm-up), the same for every target: no prompt is ever
     # sent twice to one server, so a prefix cache cannot make either side look better.
     seeds: dict[int, list[int]] = {}

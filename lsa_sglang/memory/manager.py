@@ -146,6 +146,7 @@ class LSAMemoryManager:
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
             "prefix_hit_tokens": 0, "host_chunks_shared": 0, "device_cells_saved": 0,
             "prefix_host_loaded_tokens": 0, "retracted_requests": 0, "host_waits": 0,
+            "sync_swaps": 0,
         }
         # Set whenever device memory goes back to SGLang (cells freed, tree pages unlocked);
         # the scheduler hook reopens admission on it (`take_returned_memory`).
@@ -280,21 +281,21 @@ class LSAMemoryManager:
         return got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
 
     def _alloc_spare_pages(self, n: int) -> list[int] | None:
-        """n free pages, only if the running LSA requests' decode needs still fit after them
-        and without evicting: for work no request waits on (finished rows' load-back)."""
-        reserved = sum(self.decode_need_tokens(r) or 0 for r in self._running_reqs())
-        if n and self.allocator.available_size() - n * self.cs < reserved:
+        """n free pages, without evicting, only if every running request's reservation (what
+        the prefill adder kept free for it) still fits after them: for cells admission did not
+        reserve (a window's prefetch, a finished row's load-back), never at a running one's cost."""
+        if n == 0:
+            return []
+        reserved = 0
+        for req in list(self.reqs.values()):
+            if req.finished() or req.kv.req_pool_idx is None:
+                continue
+            need = self.decode_need_tokens(req)
+            reserved += _steps_left(req) if need is None else need
+        if self.allocator.available_size() - n * self.cs < reserved:
             return None
-        got = self.allocator.alloc(n * self.cs) if n else None
-        if n and got is None:
-            return None
-        return [] if not n else got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
-
-    def _running_reqs(self):
-        for t in self.tables.values():
-            req = self._req(t.req_pool_idx, t.rid)
-            if req is not None and not req.finished():
-                yield req
+        got = self.allocator.alloc(n * self.cs)
+        return None if got is None else got[:: self.cs].div(self.cs, rounding_mode="floor").tolist()
 
     def _boundary(self, table: ChunkTable, seq_len: int) -> None:
         table.steps = 0
@@ -485,14 +486,11 @@ class LSAMemoryManager:
         misses = sorted(resident - table.resident)
         new_pages: dict[int, int] = {}
         if misses:
-            pages = self._alloc_pages(len(misses))
+            pages = self._alloc_spare_pages(len(misses))
             if pages is None:
-                # Device pool exhausted: keep what is resident, fetch nothing this window.
-                self.server["alloc_denied"] += 1
-                resident = resident & table.resident
-                misses = []
-            else:
-                new_pages = dict(zip(misses, pages))
+                self._swap_now(table, resident)
+                return
+            new_pages = dict(zip(misses, pages))
         future = None
         if misses:
             slots = [table.host_slots[c] for c in misses]
@@ -505,6 +503,31 @@ class LSAMemoryManager:
             self.server["chunks_copied"] += n
             self.server["bytes_copied"] += n * self.page_bytes
         table.pending = Pending(resident, new_pages, future)
+
+    def _swap_now(self, table: ChunkTable, resident: set[int]) -> None:
+        """Switch to `resident` at once: no memory beyond what admission reserved is spare for
+        a double-buffered prefetch, so the chunks the new set drops are released first and
+        its misses are copied synchronously into their cells (a counted stall). The request
+        never holds more than its budget, which is what admission reserved for it."""
+        t = time.perf_counter()
+        self._apply(table, resident & table.resident, {})
+        misses = sorted(resident - table.resident)
+        pages = self._alloc_pages(len(misses))
+        if pages is None:  # only when a running request outgrew its reservation
+            self.server["alloc_denied"] += 1
+            return
+        self._load_now([table.host_slots[c] for c in misses], pages)
+        self._set_rows(table.req_pool_idx, misses, pages)
+        table.resident |= set(misses)
+        waited = time.perf_counter() - t
+        st, n = table.stats, len(misses)
+        st.stalls += 1
+        st.stall_seconds += waited
+        st.chunks_copied += n
+        st.bytes_copied += n * self.page_bytes
+        for key, v in (("stalls", 1), ("stall_seconds", waited), ("sync_swaps", 1), ("chunks_copied", n),
+                       ("bytes_copied", n * self.page_bytes)):
+            self.server[key] += v
 
     # -- what attention reads ----------------------------------------------------------
     def read_positions(self, table: ChunkTable, seq_len: int) -> torch.Tensor:
@@ -661,8 +684,9 @@ class LSAMemoryManager:
         """Most device KV tokens this LSA decode row may still add to what it holds now (None:
         not an LSA row; SGLang's own estimate applies). The prefill adder reserves this for a
         running request instead of its remaining `max_new_tokens`: an LSA row holds at most
-        its resident set, the next window's prefetched cells and an unmirrored tail shorter
-        than a chunk plus a window, however long its sequence grows."""
+        its resident budget and an unmirrored tail shorter than a chunk plus a window, however
+        long its sequence grows. A window's prefetch is not reserved: it takes only memory no
+        running request has reserved (`_alloc_spare_pages`), else the set is swapped in place."""
         table = self.table_of(req)
         if table is None or not table.config.enabled:
             return None
@@ -673,8 +697,7 @@ class LSAMemoryManager:
         held = len(table.resident) + pending + -(-tail // cs)
         to_next = tau - table.steps  # steps until the pending set is swapped in
         budget = max(len(table.resident), device_budget_chunks(SelectionParams.from_config(table.config)))
-        prefetch = budget if left - to_next >= tau else 0  # cells of a set selected later
-        chunks = max(len(table.resident) + pending, budget + prefetch)
+        chunks = max(len(table.resident) + pending, budget)
         if left <= to_next or self.host.free_slots * cs < tail + left:
             tail_max = tail + left  # no boundary ahead, or the mirror may not take the tail
         else:
