@@ -108,12 +108,16 @@ def _device_index(values: List[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.long).pin_memory().to(device, non_blocking=True)
 
 
-def _copy_to_device_cuda(host: torch.Tensor, host_slots: List[int], k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor], device_pages: List[int], chunk: int, stream: "torch.cuda.Stream") -> "torch.cuda.Event":
+def _copy_to_device_cuda(host: torch.Tensor, host_slots: List[int], k_buffers: Sequence[torch.Tensor], v_buffers: Sequence[torch.Tensor], device_pages: List[int], chunk: int, stream: "torch.cuda.Stream", after: Optional["torch.cuda.Event"] = None) -> "torch.cuda.Event":
     device = k_buffers[0].device
     event = torch.cuda.Event()
     # Pages being refilled were released by earlier decode steps whose reads may still
-    # be queued on the caller's stream: start after them, overlap with what follows.
-    stream.wait_stream(torch.cuda.current_stream(device))
+    # be queued on the decode stream: start after them, overlap with what follows. From
+    # another thread the current stream is that thread's, so the caller passes `after`.
+    if after is not None:
+        stream.wait_event(after)
+    else:
+        stream.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(stream):
         if host_slots:
             # Allocated on the side stream and only used there: no record_stream needed.
@@ -153,11 +157,15 @@ def copy_chunks_to_device(
     device_pages: Index,
     stream: Optional["torch.cuda.Stream"] = None,
     backend: str = "auto",
+    after: Optional["torch.cuda.Event"] = None,
 ) -> Optional["torch.cuda.Event"]:
     """Copy chunks ``host[host_slots[i]]`` (all layers, K and V) into device page ``device_pages[i]``.
 
     Returns ``None`` when the copy is complete on return (torch path), else a CUDA event
-    recorded after the copy on ``stream`` (default: a per-device side stream).
+    recorded after the copy on ``stream`` (default: a per-device side stream). The copy
+    starts after ``after`` (an event the decode thread recorded on its stream when it
+    released the pages; needed when this runs on another thread), else after the work
+    queued on the current stream.
     """
     slots, pages = _as_list(host_slots), _as_list(device_pages)
     chunk = _check_layout(host, k_buffers, v_buffers, slots, pages)
@@ -168,7 +176,7 @@ def copy_chunks_to_device(
             _copy_to_device_torch(host, slots, k_buffers, v_buffers, pages, chunk)
         return None
     stream = stream or side_stream(k_buffers[0].device)
-    return _copy_to_device_cuda(host, slots, k_buffers, v_buffers, pages, chunk, stream)
+    return _copy_to_device_cuda(host, slots, k_buffers, v_buffers, pages, chunk, stream, after)
 
 
 def copy_chunks_to_host(

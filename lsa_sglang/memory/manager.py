@@ -496,7 +496,11 @@ class LSAMemoryManager:
             slots = [table.host_slots[c] for c in misses]
             pages = [new_pages[c] for c in misses]
             host, kb, vb = self.host.buffer, self.k_buffers, self.v_buffers
-            future = self.prefetcher.submit(lambda: copy_chunks_to_device(host, slots, kb, vb, pages))
+            after = None
+            if self.device.type == "cuda":  # the worker thread's current stream is not ours
+                after = torch.cuda.Event()
+                after.record(torch.cuda.current_stream(self.device))
+            future = self.prefetcher.submit(lambda: copy_chunks_to_device(host, slots, kb, vb, pages, after=after))
             n = len(misses)
             table.stats.chunks_copied += n
             table.stats.bytes_copied += n * self.page_bytes

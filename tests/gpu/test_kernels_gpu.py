@@ -219,3 +219,31 @@ def test_chunk_copies_on_side_stream_are_bitwise(pinned):
         assert torch.equal(_bits(host[15, layer, 1]), _bits(as_pages(v[layer], chunk)[30].cpu()))
     empty = copy_chunks_to_device(host, [], k, v, [])
     empty.synchronize()
+
+
+def test_copy_from_a_worker_thread_waits_for_the_decode_stream():
+    """The prefetcher copies from its own thread, whose current stream is not the decode
+    stream: a page released by a forward still queued there must be refilled after it. The
+    forward here sleeps, then writes the page; with `after` recorded on the decode stream
+    the copy lands last (waiting on the worker's own stream, it would land first)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    layers, chunk, hkv, d = 2, 64, 8, 128
+    host = torch.randn(host_mirror_shape(4, layers, chunk, hkv, d)).to(torch.bfloat16).pin_memory()
+    k = [torch.randn(8 * chunk, hkv, d, device=DEV).to(torch.bfloat16) for _ in range(layers)]
+    v = [torch.randn(8 * chunk, hkv, d, device=DEV).to(torch.bfloat16) for _ in range(layers)]
+    decode = torch.cuda.Stream()
+    with torch.cuda.stream(decode):
+        torch.cuda._sleep(100_000_000)  # tens of ms of queued forward work
+        for kb, vb in zip(k, v):
+            as_pages(kb, chunk)[5].fill_(7.0)
+            as_pages(vb, chunk)[5].fill_(7.0)
+        after = torch.cuda.Event()
+        after.record(decode)
+    with ThreadPoolExecutor(1) as pool:
+        event = pool.submit(lambda: copy_chunks_to_device(host, [2], k, v, [5], after=after)).result()
+    event.synchronize()
+    torch.cuda.synchronize()
+    for layer in range(layers):
+        assert torch.equal(_bits(as_pages(k[layer], chunk)[5].cpu()), _bits(host[2, layer, 0]))
+        assert torch.equal(_bits(as_pages(v[layer], chunk)[5].cpu()), _bits(host[2, layer, 1]))
