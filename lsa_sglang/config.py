@@ -17,7 +17,7 @@ from typing import Any
 ENV_VAR = "LSA_SGLANG_CONFIG"
 
 ENSEMBLES = ("max", "mean")
-POLICIES = ("indexer", "recency", "random", "quest")
+POLICIES = ("indexer", "recency", "random", "quest", "attention")
 KERNELS = ("auto", "torch", "triton", "flashinfer")
 
 

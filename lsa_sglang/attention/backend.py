@@ -43,6 +43,7 @@ class LSAAttnBackend(TorchNativeAttnBackend):
     def init_forward_metadata(self, forward_batch) -> None:
         super().init_forward_metadata(forward_batch)
         self._tables = None
+        self._extend_rows = None
         if self.manager is None:
             return
         capture = self.manager.capture
@@ -60,6 +61,7 @@ class LSAAttnBackend(TorchNativeAttnBackend):
         elif mode.is_extend():
             ends = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
             capture.expect(idxs, ends.tolist())
+            self._extend_rows = (idxs, ends.tolist())
 
     def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
         """Once per forward: what each request reads (CSR pages for kernels, else token slots)."""
@@ -106,6 +108,15 @@ class LSAAttnBackend(TorchNativeAttnBackend):
         return k in ("triton", "flashinfer") or (k == "auto" and torch.device(self.device).type == "cuda")
 
     # -- prefill -------------------------------------------------------------------------
+    def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+        if self._extend_rows is not None and not layer.is_cross_attention:
+            # the last prompt token's query at every layer: window 0 of the `attention` policy
+            idxs, rows = self._extend_rows
+            self.manager.capture.record_queries(
+                layer.layer_id, q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), idxs, rows, layer.scaling
+            )
+        return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
+
     def _run_sdpa_forward_extend(self, query, output, k_cache, v_cache, req_to_token, req_pool_indices,
                                  seq_lens, extend_prefix_lens, extend_seq_lens, encoder_lens=None,
                                  scaling=None, enable_gqa=False, causal=False, is_cross_attn=False,

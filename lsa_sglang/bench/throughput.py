@@ -158,10 +158,9 @@ def measure(url: str, prompts: Sequence[str], output_len: int, concurrency: int,
     log file, read for retractions during this run (None: a server we did not start, unknown)."""
     client = ServerClient(url)
     log_start = server_log.stat().st_size if server_log else 0
-    st = client.lsa_stats() if client.is_lsa() else None
-    waits0 = st["server"].get("host_waits", 0) if st else None
+    st0 = client.lsa_stats() if client.is_lsa() else None
     run = asyncio.run(_drive(url, prompts, output_len, concurrency, lsa, interval, progress, desc))
-    st = client.lsa_stats() if waits0 is not None else None
+    st = client.lsa_stats() if st0 else None
     ok = [r for r in run["results"] if "error" not in r]
     errors = [r["error"] for r in run["results"] if "error" in r]
     samples = run["samples"]
@@ -189,8 +188,11 @@ def measure(url: str, prompts: Sequence[str], output_len: int, concurrency: int,
             res["retracted"] = retracted_in_log(fh.read().decode(errors="replace"))
     else:
         res["retracted"] = None
-    # requests that waited in the queue for host-mirror room (LSA only)
-    res["host_waits"] = st["server"].get("host_waits", 0) - waits0 if st else None
+    # LSA only: requests that waited in the queue for host-mirror room, window boundaries, those
+    # that swapped in place for lack of spare memory, and the decode's waits on copies
+    for key in ("host_waits", "windows", "sync_swaps", "stall_seconds"):
+        res[key if key == "host_waits" else f"lsa_{key}"] = (
+            st["server"].get(key, 0) - st0["server"].get(key, 0) if st else None)
     res["admitted_max"] = max(running) if running else None
     res["admitted_mean"] = (sum(s["num_running_reqs"] for s in busy if "num_running_reqs" in s)
                             / max(1, sum(1 for s in busy if "num_running_reqs" in s))) if running else None

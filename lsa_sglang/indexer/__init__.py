@@ -1,5 +1,6 @@
 """Neural Memory Indexer (query side, frozen chunk keys), its checkpoints, and the tier-1 selector."""
 
+from .attention_signal import attention_scores, layer_chunk_mass
 from .checkpoint import (
     IndexerCheckpointError,
     config_hash,
@@ -28,6 +29,8 @@ from .selector import (
 )
 
 __all__ = [
+    "attention_scores",
+    "layer_chunk_mass",
     "IndexerCheckpointError",
     "IndexerSpec",
     "NeuralMemoryIndexer",

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-POLICIES = ("indexer", "recency", "random", "quest")
+POLICIES = ("indexer", "recency", "random", "quest", "attention")
+SCORED = ("indexer", "quest", "attention")  # policies that rank chunks by scores
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def select_chunks(
 ) -> Selection:
     """Resident chunk set of one request for the next window.
 
-    `scores [n_chunks]`: combined indexer scores (policy "indexer") or Quest bounds ("quest");
+    `scores [n_chunks]`: combined indexer scores (policy "indexer"), Quest bounds ("quest") or the
+    backbone's attention shares ("attention": fixed budget, filled by score like "quest");
     ignored by "recency" and "random". `rng`: a torch.Generator or int seed, required by "random"
     (explicit so baselines are reproducible). `widen`: the needle fallback (see `needs_fallback`);
     honoured only for the indexer policy and when ``params.needle_fallback`` is on.
@@ -137,7 +139,7 @@ def select_chunks(
         n_pages = int(torch.unique(picked // cpp).numel()) if picked.numel() else 0
         return Selection(resident, forced, picked, n_pages, fallback)
 
-    if params.policy in ("indexer", "quest"):
+    if params.policy in SCORED:
         s = _check_scores(scores, n_chunks, params.policy)
     if cand.numel() <= params.page_budget * cpp:
         return done(cand)  # everything fits: selection would only lose chunks
@@ -162,7 +164,7 @@ def select_chunks(
         page_max = torch.full((n_pages,), float("-inf")).scatter_reduce(0, local, cs, reduce="amax")
         recency = torch.arange(n_pages, dtype=torch.float32)
         fallback = bool(widen and params.needle_fallback and params.policy == "indexer")
-        if params.policy == "quest" or fallback:
+        if params.policy in ("quest", "attention") or fallback:
             keep = _rank_pages([page_max, recency])[:budget]
         else:
             density = torch.zeros(n_pages).index_add_(0, local, (cs > params.threshold).to(torch.float32))

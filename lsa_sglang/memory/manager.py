@@ -36,11 +36,13 @@ import torch
 from lsa_sglang.config import LSAConfig
 from lsa_sglang.indexer import (
     SelectionParams,
+    attention_scores,
     candidate_chunks,
     device_budget_chunks,
     needs_fallback,
     select_chunks,
 )
+from lsa_sglang.indexer.selector import SCORED
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
 from lsa_sglang.memory.prefetcher import Prefetcher
@@ -332,16 +334,20 @@ class LSAMemoryManager:
         n = table.mirrored
         config = table.config
         params = SelectionParams.from_config(config)
-        scores = None
+        scores = tail_mass = None
         t = time.perf_counter()
-        if config.policy in ("indexer", "quest") and n > 0:
+        queries = self.capture.take_queries(table.req_pool_idx)  # only the admission uses them
+        if config.policy == "attention" and n > 0 and queries is not None:
+            scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
+        elif config.policy in SCORED and n > 0:
             hidden = self.capture.last_hidden(table.req_pool_idx)
-            if hidden is not None:
-                scores, tail_mass = self._score(table, hidden, seq_len - 1, config.policy)
+            if hidden is not None:  # `attention` after window 0: the indexer's scores, budget filled
+                policy = "indexer" if config.policy == "attention" else config.policy
+                scores, tail_mass = self._score(table, hidden, seq_len - 1, policy)
         dt = time.perf_counter() - t
         table.stats.indexer_seconds += dt
         self.server["indexer_seconds"] += dt
-        if scores is None and config.policy in ("indexer", "quest"):
+        if scores is None and config.policy in SCORED:
             # no hidden state captured (cannot happen after a real forward): keep everything
             return set(range(n))
         # The needle fallback widens the very selection the indexer is unsure about: the one
@@ -356,6 +362,18 @@ class LSAMemoryManager:
             table.stats.fallbacks += 1
             self.server["fallbacks"] += 1
         return set(sel.resident.tolist())
+
+    def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
+        """Window 0: the last prompt token's attention at every layer (`indexer.attention_signal`),
+        over the prompt's keys, all still on the device at admission."""
+        slots = self.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
+        layers = sorted(queries)
+        lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
+        with torch.no_grad():
+            return attention_scores(
+                [queries[l][0] for l in layers], [self.k_buffers[l].index_select(0, slots) for l in layers],
+                [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
+            )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
         keys = torch.stack(table.keys)  # [N, L, Hk, Dh]

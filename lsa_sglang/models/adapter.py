@@ -56,6 +56,7 @@ class HiddenCapture:
         self._raw: dict[int, torch.Tensor] = {}
         self._last: dict[int, torch.Tensor] = {}  # req_pool_idx -> [L, d]
         self._pending_rows: tuple[list[int], list[int]] | None = None
+        self._queries: dict[int, dict[int, tuple[torch.Tensor, float]]] = {}  # idx -> layer -> (q, scale)
         mods = attention_modules(model)
         self._handles = [
             mods[layer].register_forward_pre_hook(self._hook(pos), with_kwargs=True)
@@ -88,5 +89,18 @@ class HiddenCapture:
     def last_hidden(self, idx: int) -> torch.Tensor | None:
         return self._last.get(idx)
 
+    def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], last_rows: list[int],
+                       scale: float) -> None:
+        """Prefill: each request's last-token query ``[H, D]`` (post-RoPE) at `layer`; the
+        attention backend calls this from every layer's extend."""
+        rows = q.index_select(0, torch.tensor(last_rows, device=q.device)).detach()
+        for i, idx in enumerate(req_pool_indices):
+            self._queries.setdefault(idx, {})[layer] = (rows[i], scale)
+
+    def take_queries(self, idx: int) -> dict[int, tuple[torch.Tensor, float]] | None:
+        """The last prefill's per-layer queries of a request, handed over once."""
+        return self._queries.pop(idx, None)
+
     def forget(self, idx: int) -> None:
         self._last.pop(idx, None)
+        self._queries.pop(idx, None)

@@ -70,8 +70,10 @@ def test_gate_off_exact(lsa_server, stock_server):
     stock = greedy(stock_server, ids)["output_ids"]
     off = greedy(lsa_server, ids, lsa={"enabled": False})["output_ids"]
     everything = greedy(lsa_server, ids, lsa={"page_budget": 1000})["output_ids"]
+    everything_by_attention = greedy(lsa_server, ids, lsa={"policy": "attention", "page_budget": 1000})["output_ids"]
     assert off == stock
     assert everything == stock
+    assert everything_by_attention == stock
 
 
 def test_footprint_at_7k_and_finite_outputs(lsa_server, baseline):
@@ -137,7 +139,7 @@ def test_bad_override_is_refused(lsa_server):
     assert "one of indexer, recency, random, quest" in str(r.json())
 
 
-@pytest.mark.parametrize("policy", ["recency", "random", "quest"])
+@pytest.mark.parametrize("policy", ["recency", "random", "quest", "attention"])
 def test_policies_share_budget(lsa_server, policy):
     ids = haystack_ids(lsa_server, 3000, seed=5)
     out = greedy(lsa_server, ids, n=10, lsa={"policy": policy}, logprobs=True)
@@ -152,11 +154,13 @@ def test_host_mirror_admission_queues(lsa_server, baseline):
     queue until a mirror frees, and every answer equals the one served alone."""
     prompts = [haystack_ids(lsa_server, 3000, seed=20 + i) for i in range(3)]
     serial = [greedy(lsa_server, p, n=12)["output_ids"] for p in prompts]
-    host_full_before = wait_idle(lsa_server, flush=True)["server"]["host_full"]
+    before = wait_idle(lsa_server, flush=True)["server"]
     with cf.ThreadPoolExecutor(3) as ex:
         together = list(ex.map(lambda p: greedy(lsa_server, p, n=12)["output_ids"], prompts))
     assert together == serial
     after = wait_idle(lsa_server, flush=True)["server"]
+    assert after["host_waits"] >= before["host_waits"] + 1  # the third one waited for a mirror
+    host_full_before = before["host_full"]
     assert after["host_full"] == host_full_before  # nobody was left without a mirror
     assert after["host_kv_bytes"] == 0 and after["host_reserved_bytes"] == 0
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
