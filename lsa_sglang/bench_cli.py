@@ -417,9 +417,9 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     _add_server_args(p)
     _add_suite_args(p)
     p.add_argument("--budgets", type=budget_list, default=[None],
-                   help="page budgets for indexer/recency/random/quest, e.g. 4,8,16 ('default': the preset's)")
+                   help="page budgets of the LSA policies, e.g. 4,8,16 ('default': the preset's)")
     p.add_argument("--methods", type=name_list, default=name_list("stock,dense,indexer,recency,random,quest"),
-                   help="subset of stock,dense,indexer,recency,random,quest,indexer-nofallback")
+                   help="subset of stock,dense,indexer,recency,random,quest,attention,indexer-nofallback")
     _add_output_args(p)
 
 

@@ -20,8 +20,8 @@ from typing import Any
 from lsa_sglang.bench.client import ServerClient, ServerError
 from lsa_sglang.bench.scoring import all_found, string_match_all
 from lsa_sglang.bench.tasks import Sample
+from lsa_sglang.config import POLICIES
 
-POLICIES = ("indexer", "recency", "random", "quest")
 # method name -> the LSA overrides it adds to its policy (A/B of one setting)
 VARIANTS = {"indexer-nofallback": ("indexer", {"needle_fallback": False})}
 
