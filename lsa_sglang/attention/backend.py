@@ -61,7 +61,7 @@ class LSAAttnBackend(TorchNativeAttnBackend):
         elif mode.is_extend():
             ends = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
             capture.expect(idxs, ends.tolist())
-            self._extend_rows = (idxs, ends.tolist())
+            self._extend_rows = (idxs, ends)
 
     def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
         """Once per forward: what each request reads (CSR pages for kernels, else token slots)."""

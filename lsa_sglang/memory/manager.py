@@ -301,18 +301,13 @@ class LSAMemoryManager:
 
     def _boundary(self, table: ChunkTable, seq_len: int) -> None:
         table.steps = 0
-        st = table.stats
-        st.windows += 1
-        self.server["windows"] += 1
+        self._count(table, windows=1)
         if table.pending is not None:
             pending, table.pending = table.pending, None
             if pending.future is not None:
                 waited = self.prefetcher.wait(pending.future)
                 if waited > 0:
-                    st.stalls += 1
-                    st.stall_seconds += waited
-                    self.server["stalls"] += 1
-                    self.server["stall_seconds"] += waited
+                    self._count(table, stalls=1, stall_seconds=waited)
             self._apply(table, pending.resident, pending.new_pages)
         req = self._req(table.req_pool_idx, table.rid)
         self._mirror_new_chunks(table, seq_len, req)
@@ -326,7 +321,7 @@ class LSAMemoryManager:
         logger.debug(
             "lsa window rid=%s seq=%d mirrored=%d resident=%d next=%s stalls=%d",
             table.rid, seq_len, table.mirrored, len(table.resident),
-            None if table.pending is None else len(table.pending.resident), st.stalls,
+            None if table.pending is None else len(table.pending.resident), table.stats.stalls,
         )
 
     # -- selection ---------------------------------------------------------------------
@@ -519,11 +514,7 @@ class LSAMemoryManager:
                 after = torch.cuda.Event()
                 after.record(torch.cuda.current_stream(self.device))
             future = self.prefetcher.submit(lambda: copy_chunks_to_device(host, slots, kb, vb, pages, after=after))
-            n = len(misses)
-            table.stats.chunks_copied += n
-            table.stats.bytes_copied += n * self.page_bytes
-            self.server["chunks_copied"] += n
-            self.server["bytes_copied"] += n * self.page_bytes
+            self._count(table, chunks_copied=len(misses), bytes_copied=len(misses) * self.page_bytes)
         table.pending = Pending(resident, new_pages, future)
 
     def _swap_now(self, table: ChunkTable, resident: set[int]) -> None:
@@ -541,15 +532,15 @@ class LSAMemoryManager:
         self._load_now([table.host_slots[c] for c in misses], pages)
         self._set_rows(table.req_pool_idx, misses, pages)
         table.resident |= set(misses)
-        waited = time.perf_counter() - t
-        st, n = table.stats, len(misses)
-        st.stalls += 1
-        st.stall_seconds += waited
-        st.chunks_copied += n
-        st.bytes_copied += n * self.page_bytes
-        for key, v in (("stalls", 1), ("stall_seconds", waited), ("sync_swaps", 1), ("chunks_copied", n),
-                       ("bytes_copied", n * self.page_bytes)):
+        self._count(table, stalls=1, stall_seconds=time.perf_counter() - t, sync_swaps=1,
+                    chunks_copied=len(misses), bytes_copied=len(misses) * self.page_bytes)
+
+    def _count(self, table: ChunkTable, **deltas) -> None:
+        """Add to the server's counters and to the request's where it has the same field."""
+        for key, v in deltas.items():
             self.server[key] += v
+            if hasattr(table.stats, key):
+                setattr(table.stats, key, getattr(table.stats, key) + v)
 
     # -- what attention reads ----------------------------------------------------------
     def read_positions(self, table: ChunkTable, seq_len: int) -> torch.Tensor:

@@ -89,11 +89,12 @@ class HiddenCapture:
     def last_hidden(self, idx: int) -> torch.Tensor | None:
         return self._last.get(idx)
 
-    def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], last_rows: list[int],
+    def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], last_rows: torch.Tensor,
                        scale: float) -> None:
         """Prefill: each request's last-token query ``[H, D]`` (post-RoPE) at `layer`; the
-        attention backend calls this from every layer's extend."""
-        rows = q.index_select(0, torch.tensor(last_rows, device=q.device)).detach()
+        attention backend calls this from every layer's extend (`last_rows`: one index per request,
+        made once per forward)."""
+        rows = q.index_select(0, last_rows.to(q.device)).detach()
         for i, idx in enumerate(req_pool_indices):
             self._queries.setdefault(idx, {})[layer] = (rows[i], scale)
 
