@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,14 @@ ENV_VAR = "LSA_SGLANG_CONFIG"
 ENSEMBLES = ("max", "mean")
 POLICIES = ("indexer", "recency", "random", "quest", "attention")
 KERNELS = ("auto", "torch", "triton", "flashinfer")
+
+# Upper bounds: beyond them a count overflows the int64 tensors it ends up in (the selector,
+# the page layout) or a seed the torch generator (which also adds the chunk count to it).
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+MAX_HOST_POOL_GB = float(2**20)  # 1 PiB
+_SHOW_LIMIT = 60
+_FLAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 class LSAConfigError(ValueError):
@@ -31,6 +41,26 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def show(value: Any, limit: int = _SHOW_LIMIT) -> str:
+    """`repr(value)` on one line, cut to `limit` characters: error messages echo user input."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        text = f"<{type(value).__name__} nested too deeply>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def show_key(key: Any) -> str:
+    """A mapping key as it appears in quotes in a message ('policy', 'a\\nb', '1')."""
+    text = key if isinstance(key, str) else repr(key)
+    text = text.encode("unicode_escape").decode("ascii").replace("'", "\\'")
+    return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -70,14 +100,13 @@ class LSAConfig:
     def _check(self) -> None:
         def bad(name: str, allowed: str) -> LSAConfigError:
             return LSAConfigError(
-                f"lsa config field '{name}': expected {allowed}, got {getattr(self, name)!r}"
+                f"lsa config field '{name}': expected {allowed}, got {show(getattr(self, name))}"
             )
 
-        def need_int(name: str, lo: int, hi: int | None = None) -> None:
+        def need_int(name: str, lo: int, hi: int = MAX_COUNT) -> None:
             v = getattr(self, name)
-            if not _is_int(v) or v < lo or (hi is not None and v > hi):
-                rng = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-                raise bad(name, f"an integer {rng}")
+            if not _is_int(v) or v < lo or v > hi:
+                raise bad(name, f"an integer in [{lo}, {hi}]")
 
         def need_bool(name: str) -> None:
             if not isinstance(getattr(self, name), bool):
@@ -92,7 +121,7 @@ class LSAConfig:
         if not _is_int(cs) or cs < 8 or cs > 4096 or cs & (cs - 1):
             raise bad("chunk_size", "a power of two in [8, 4096]")
         need_int("tau", 1, 65536)
-        if not _is_number(self.threshold) or not 0.0 < self.threshold < 1.0:
+        if not _is_finite(self.threshold) or not 0.0 < self.threshold < 1.0:
             raise bad("threshold", "a number strictly between 0 and 1")
         need_choice("ensemble", ENSEMBLES)
         if self.target_layers is not None:
@@ -100,10 +129,10 @@ class LSAConfig:
             if (
                 not isinstance(tl, tuple)
                 or not tl
-                or not all(_is_int(x) and x >= 0 for x in tl)
+                or not all(_is_int(x) and 0 <= x <= MAX_COUNT for x in tl)
                 or len(set(tl)) != len(tl)
             ):
-                raise bad("target_layers", "null or a non-empty list of distinct layer indices >= 0")
+                raise bad("target_layers", f"null or a non-empty list of distinct layer indices in [0, {MAX_COUNT}]")
         need_int("sink_chunks", 0)
         need_int("recent_tokens", 0)
         need_int("chunks_per_page", 1)
@@ -114,14 +143,15 @@ class LSAConfig:
                 f"lsa config field 'min_pages': expected an integer <= page_budget "
                 f"({self.page_budget}), got {self.min_pages!r}"
             )
-        if not _is_number(self.host_pool_gb) or not self.host_pool_gb > 0:
-            raise bad("host_pool_gb", "a number of GiB > 0")
-        if self.indexer_checkpoint is not None and not isinstance(self.indexer_checkpoint, str):
+        if not _is_finite(self.host_pool_gb) or not 0 < self.host_pool_gb <= MAX_HOST_POOL_GB:
+            raise bad("host_pool_gb", f"a number of GiB in (0, {MAX_HOST_POOL_GB:.0f}]")
+        ckpt = self.indexer_checkpoint
+        if ckpt is not None and (not isinstance(ckpt, str) or not ckpt or "\0" in ckpt):
             raise bad("indexer_checkpoint", "null or a path to a checkpoint")
         need_choice("policy", POLICIES)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
-        need_int("seed", 0)
+        need_int("seed", 0, MAX_SEED)
         need_bool("poison_released")
 
     # -- derived ------------------------------------------------------------------------
@@ -145,17 +175,17 @@ class LSAConfig:
             data = {}
         if not isinstance(data, dict):
             raise LSAConfigError(f"lsa config must be a mapping of field: value, got {type(data).__name__}")
-        unknown = sorted(set(data) - set(cls.field_names()))
+        unknown = [k for k in data if k not in cls.field_names()]
         if unknown:
             raise LSAConfigError(
-                f"lsa config field '{unknown[0]}': unknown field; known fields are "
+                f"lsa config field '{show_key(min(unknown, key=show_key))}': unknown field; known fields are "
                 + ", ".join(cls.field_names())
             )
         data = dict(data)
         if isinstance(data.get("target_layers"), list):
             data["target_layers"] = tuple(data["target_layers"])
         ckpt = data.get("indexer_checkpoint")
-        if isinstance(ckpt, str) and base_dir is not None and not os.path.isabs(ckpt):
+        if isinstance(ckpt, str) and ckpt and "\0" not in ckpt and base_dir is not None and not os.path.isabs(ckpt):
             # Relative checkpoint paths are relative to the YAML file, not the CWD.
             data["indexer_checkpoint"] = str((base_dir / ckpt).resolve())
         return cls(**data)
@@ -169,7 +199,11 @@ class LSAConfig:
 
     @classmethod
     def from_json(cls, text: str) -> "LSAConfig":
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise LSAConfigError(f"lsa config is not valid JSON: {e}") from None
+        return cls.from_dict(data)
 
     @classmethod
     def from_env(cls) -> "LSAConfig":
@@ -193,15 +227,68 @@ def read_preset(path: str | os.PathLike) -> tuple[LSAConfig, dict[str, Any]]:
     if not p.is_file():
         raise LSAConfigError(f"lsa config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise LSAConfigError(f"lsa config file {p} cannot be read as UTF-8 text: {e}") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise LSAConfigError(f"lsa config file {p} is not valid YAML: {e}") from None
+        raise LSAConfigError(f"lsa config file {p} is not valid YAML: {_yaml_problem(e)}") from None
+    except RecursionError:
+        raise LSAConfigError(f"lsa config file {p} is not valid YAML: nested too deeply") from None
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise LSAConfigError(f"lsa config file {p} must hold a mapping of field: value")
-    sglang_defaults = data.pop("sglang", None) or {}
-    if not isinstance(sglang_defaults, dict):
-        raise LSAConfigError("lsa config field 'sglang': expected a mapping of sglang flag: value")
-    return LSAConfig.from_dict(data, base_dir=p.parent.resolve()), sglang_defaults
+        raise LSAConfigError(
+            f"lsa config file {p} must hold a mapping of field: value, got {type(data).__name__}"
+        )
+    sglang_defaults = data.pop("sglang", None)
+    return LSAConfig.from_dict(data, base_dir=p.parent.resolve()), _check_sglang_map(sglang_defaults)
 
 
-__all__ = ["LSAConfig", "LSAConfigError", "ENV_VAR", "read_preset", "ENSEMBLES", "POLICIES", "KERNELS"]
+def _yaml_problem(e: Exception) -> str:
+    """One line: where and what (PyYAML's own message spans several lines)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None)
+    if mark is not None and problem:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    return " ".join(str(e).split())
+
+
+def _check_sglang_map(value: Any) -> dict[str, Any]:
+    """The preset's `sglang:` map: flag names (without dashes) to scalar values."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise LSAConfigError(
+            f"lsa config field 'sglang': expected a mapping of sglang flag: value, got {show(value)}"
+        )
+    for key, v in value.items():
+        if not isinstance(key, str) or not _FLAG_NAME.fullmatch(key):
+            raise LSAConfigError(
+                f"lsa config field 'sglang.{show_key(key)}': expected an sglang flag name such as "
+                "max_total_tokens (letters, digits, '_' or '-', no leading dashes)"
+            )
+        if isinstance(v, float) and not math.isfinite(v):
+            raise LSAConfigError(
+                f"lsa config field 'sglang.{show_key(key)}': expected a finite number, got {show(v)}"
+            )
+        if v is not None and not isinstance(v, (str, int, float, bool)):
+            raise LSAConfigError(
+                f"lsa config field 'sglang.{show_key(key)}': expected a string, number, true/false or null, "
+                f"got {show(v)}"
+            )
+    return dict(value)
+
+
+__all__ = [
+    "LSAConfig",
+    "LSAConfigError",
+    "ENV_VAR",
+    "read_preset",
+    "ENSEMBLES",
+    "POLICIES",
+    "KERNELS",
+    "MAX_COUNT",
+    "MAX_SEED",
+]
