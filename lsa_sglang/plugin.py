@@ -84,21 +84,44 @@ def _manager():
     return None if backend is None else backend.manager
 
 
-def parse_overrides(custom_params) -> dict:
-    """`custom_params["lsa"]` -> validated LSAConfig changes (raises LSAConfigError)."""
-    from lsa_sglang.config import LSAConfig, LSAConfigError
+def parse_overrides(custom_params, base=None) -> dict:
+    """`custom_params["lsa"]` -> validated LSAConfig changes (raises LSAConfigError naming the key).
+
+    Each value is checked on its own, then the changes together with `base` (the server's
+    config; the defaults when None), so `min_pages` is held against the page budget the request
+    will really get."""
+    from lsa_sglang.config import MAX_COUNT, LSAConfig, LSAConfigError, show, show_key
 
     if not isinstance(custom_params, dict) or OVERRIDE_KEY not in custom_params:
         return {}
     over = custom_params[OVERRIDE_KEY]
     if not isinstance(over, dict):
-        raise LSAConfigError("lsa request override: expected a mapping under custom_params['lsa']")
-    bad = sorted(set(over) - set(OVERRIDABLE))
+        raise LSAConfigError(
+            f"lsa request override 'lsa': expected a mapping under custom_params['lsa'], got {show(over)}"
+        )
+    bad = [k for k in over if k not in OVERRIDABLE]
     if bad:
         raise LSAConfigError(
-            f"lsa request override '{bad[0]}': not overridable per request; allowed: " + ", ".join(OVERRIDABLE)
+            f"lsa request override '{show_key(min(bad, key=show_key))}': not overridable per request; "
+            "allowed: " + ", ".join(OVERRIDABLE)
         )
-    LSAConfig().replace(**over)  # validates each value
+    base = LSAConfig() if base is None else base
+    # Values alone: a budget that admits every min_pages and the other way round.
+    try:
+        base.replace(**{"page_budget": MAX_COUNT, "min_pages": 0, **over})
+    except LSAConfigError as e:
+        raise LSAConfigError(str(e).replace("lsa config field", "lsa request override", 1)) from None
+    budget = over.get("page_budget", base.page_budget)
+    min_pages = over.get("min_pages", base.min_pages)
+    if min_pages > budget:
+        if "min_pages" in over:
+            raise LSAConfigError(
+                f"lsa request override 'min_pages': expected an integer <= page_budget ({budget}), got {min_pages}"
+            )
+        raise LSAConfigError(
+            f"lsa request override 'page_budget': expected an integer >= this server's min_pages "
+            f"({min_pages}), got {budget}"
+        )
     return dict(over)
 
 
@@ -110,8 +133,7 @@ def _after_req_init(result, req, *args, **kwargs):
 
     m.reqs[req.rid] = req
     try:
-        over = parse_overrides(getattr(req.sampling_params, "custom_params", None))
-        m.config.replace(**over)  # the combination must be valid too
+        over = parse_overrides(getattr(req.sampling_params, "custom_params", None), m.config)
     except LSAConfigError as e:
         req.set_finish_with_abort(str(e))
         return result
