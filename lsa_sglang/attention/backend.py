@@ -186,6 +186,7 @@ class LSAAttnBackend(TorchNativeAttnBackend):
 def build_manager(model_runner, config: LSAConfig):
     """The memory manager, or None for a model we cannot capture (dense then, with a warning)."""
     from lsa_sglang.indexer import NeuralMemoryIndexer, load_indexer, spec_from_hf_config
+    from lsa_sglang.indexer.checkpoint import model_id_from_path
     from lsa_sglang.memory.manager import LSAMemoryManager
     from lsa_sglang.models.adapter import (
         HiddenCapture,
@@ -203,7 +204,7 @@ def build_manager(model_runner, config: LSAConfig):
         return None
     layers = config.target_layers or default_target_layers(len(mods))
     hf_config = model_runner.model_config.hf_config
-    model_id = str(getattr(model_runner.model_config, "model_path", "") or "").rstrip("/").split("/")[-1]
+    model_id = model_id_from_path(getattr(model_runner.model_config, "model_path", ""))
     spec = spec_from_hf_config(
         hf_config, model_id, tuple(layers), config.chunk_size, config.tau, config.threshold
     )

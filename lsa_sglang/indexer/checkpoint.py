@@ -18,7 +18,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .model import IndexerSpec, NeuralMemoryIndexer
+from .model import IndexerSpec, NeuralMemoryIndexer, SpecError, _show
 
 FORMAT = "lsa-indexer"
 FORMAT_VERSION = 1
@@ -107,6 +107,11 @@ def architecture_fields(hf_config: Any) -> dict:
     return {k: (int(v) if isinstance(v, (int, float)) and k != "rope_theta" else v) for k, v in out.items()}
 
 
+def model_id_from_path(model_path: Any) -> str:
+    """The `model_id` a server checks a checkpoint against: the model folder's name."""
+    return str(model_path or "").rstrip("/").split("/")[-1]
+
+
 def config_hash(hf_config_dict: Any) -> str:
     """Stable 16-hex-digit hash of the backbone's architecture (not of names, dtypes or paths),
     so a checkpoint survives re-saving the model but not a different model of the same name."""
@@ -192,7 +197,9 @@ def read_metadata(path: str | os.PathLike) -> dict:
         raise _err(p, f"metadata format is not '{FORMAT}'", field="format")
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
-        raise _err(p, f"field 'format_version': expected {FORMAT_VERSION}, got {version!r}", field="format_version")
+        raise _err(
+            p, f"field 'format_version': expected {FORMAT_VERSION}, got {_show(version)}", field="format_version"
+        )
     return meta
 
 
@@ -207,9 +214,11 @@ def _spec_from_meta(path: Path, meta: dict) -> IndexerSpec:
             raise _err(path, f"metadata spec is missing field '{f.name}'", field=f.name)
     unknown = sorted(set(raw) - set(names))
     if unknown:
-        raise _err(path, f"metadata spec has unknown field '{unknown[0]}'", field=unknown[0])
+        raise _err(path, f"metadata spec has unknown field {_show(unknown[0])}", field=unknown[0])
     try:
         return IndexerSpec(**raw)
+    except SpecError as e:
+        raise _err(path, f"metadata spec field '{e.field}' is invalid ({e})", field=e.field) from None
     except (TypeError, ValueError) as e:
         raise _err(path, f"metadata spec is invalid ({e})", field="spec") from None
 
@@ -229,7 +238,7 @@ def check_spec(path: str | os.PathLike, expected: IndexerSpec, got: IndexerSpec)
         if not _same(name, want, have):
             raise _err(
                 path,
-                f"does not fit this model: field '{name}' expected {want!r}, got {have!r}",
+                f"does not fit this model: field '{name}' expected {want!r}, got {_show(have)}",
                 field=name,
             )
 
@@ -251,21 +260,24 @@ def expected_shapes(spec: IndexerSpec) -> dict[str, tuple[int, ...]]:
 
 def load_indexer(
     path: str | os.PathLike,
-    expected: IndexerSpec,
+    expected: IndexerSpec | None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> NeuralMemoryIndexer:
-    """Load and validate a checkpoint against the spec the running backbone implies.
+    """Load and validate a checkpoint against the spec the running backbone implies (None: check
+    the file on its own, without a backbone).
 
     Every problem (missing file, not safetensors, foreign metadata, spec mismatch, missing or
-    extra tensor, wrong shape) raises `IndexerCheckpointError` naming the field and the path.
+    extra tensor, wrong shape or dtype, NaN or infinite weights) raises `IndexerCheckpointError`
+    naming the field and the path.
     """
     from safetensors import safe_open
 
     p = Path(path)
     meta = read_metadata(p)
     spec = _spec_from_meta(p, meta)
-    check_spec(p, expected, spec)
+    if expected is not None:
+        check_spec(p, expected, spec)
     shapes = expected_shapes(spec)
     tensors: dict[str, torch.Tensor] = {}
     try:
@@ -276,7 +288,7 @@ def load_indexer(
                     raise _err(p, f"tensor '{name}' is missing", field=name)
             extra = sorted(present - set(shapes))
             if extra:
-                raise _err(p, f"unexpected tensor '{extra[0]}'", field=extra[0])
+                raise _err(p, f"unexpected tensor {_show(extra[0])}", field=extra[0])
             for name, shape in shapes.items():
                 t = f.get_tensor(name)
                 if tuple(t.shape) != shape:
@@ -285,6 +297,12 @@ def load_indexer(
                     )
                 if not t.is_floating_point():
                     raise _err(p, f"tensor '{name}' has dtype {t.dtype}, expected a float type", field=name)
+                stored, t = t.dtype, t.to(dtype)
+                finite = torch.isfinite(t)
+                if not bool(finite.all()):
+                    n_bad = int(finite.numel() - finite.sum())
+                    as_dtype = "" if stored == dtype else f" as {dtype}"
+                    raise _err(p, f"tensor '{name}' has {n_bad} NaN or infinite values{as_dtype}", field=name)
                 tensors[name] = t
     except IndexerCheckpointError:
         raise
@@ -305,6 +323,7 @@ __all__ = [
     "check_spec",
     "config_hash",
     "load_indexer",
+    "model_id_from_path",
     "read_metadata",
     "save_indexer",
     "spec_from_hf_config",

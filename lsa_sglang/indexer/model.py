@@ -11,6 +11,8 @@ trained. Pure torch, no SGLang import: the memory layer and the trainer share it
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -18,6 +20,19 @@ import torch
 from torch import nn
 
 ENSEMBLES = ("max", "mean")
+
+
+class SpecError(ValueError):
+    """An `IndexerSpec` field is invalid; `field` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _show(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -48,26 +63,46 @@ class IndexerSpec:
     q_bias: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "target_layers", tuple(int(x) for x in self.target_layers))
+        def bad(name: str, msg: str) -> "SpecError":
+            return SpecError(f"IndexerSpec.{name} {msg}, got {_show(getattr(self, name))}", name)
+
+        def is_int(v) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name in ("model_id", "config_hash"):
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
+        tl = self.target_layers
+        if not isinstance(tl, (list, tuple)) or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= 0 for x in tl
+        ):
+            raise bad("target_layers", "must be a list of layer indices >= 0")
+        object.__setattr__(self, "target_layers", tuple(int(x) for x in tl))
         pos = ("hidden_size", "rank", "num_heads", "head_dim", "num_kv_heads", "chunk_size", "tau")
         for name in pos:
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"IndexerSpec.{name} must be an integer >= 1, got {v!r}")
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise bad(name, "must be an integer >= 1")
         if not self.target_layers:
-            raise ValueError("IndexerSpec.target_layers must name at least one layer")
+            raise SpecError("IndexerSpec.target_layers must name at least one layer", "target_layers")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(
-                f"IndexerSpec.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            raise SpecError(
+                f"IndexerSpec.num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})",
+                "num_heads",
             )
-        if self.rotary_dim < 0 or self.rotary_dim > self.head_dim or self.rotary_dim % 2:
-            raise ValueError(
-                f"IndexerSpec.rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}"
-            )
-        if not self.rope_theta > 0:
-            raise ValueError(f"IndexerSpec.rope_theta must be > 0, got {self.rope_theta!r}")
-        if not 0.0 < self.threshold < 1.0:
-            raise ValueError(f"IndexerSpec.threshold must be in (0, 1), got {self.threshold!r}")
+        if not is_int(self.rotary_dim) or self.rotary_dim < 0 or self.rotary_dim > self.head_dim or self.rotary_dim % 2:
+            raise bad("rotary_dim", f"must be even and in [0, head_dim={self.head_dim}]")
+        if not is_finite(self.rope_theta) or not self.rope_theta > 0:
+            raise bad("rope_theta", "must be a finite number > 0")
+        if not is_finite(self.threshold) or not 0.0 < self.threshold < 1.0:
+            raise bad("threshold", "must be in (0, 1)")
+        if not is_finite(self.rms_eps) or not self.rms_eps > 0:
+            raise bad("rms_eps", "must be a finite number > 0")
+        for name in ("prenormed", "q_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
 
     @property
     def num_layers(self) -> int:
