@@ -4,8 +4,11 @@ SGLang's own HTTP server with `--attention-backend lsa`. This wrapper only:
 - reads and validates the LSA config (one clear message and exit code 2 on a bad field),
 - checks it against the model (target layers exist),
 - hands it to SGLang's processes through `LSA_SGLANG_CONFIG`,
+- checks the indexer checkpoint against the model, as the server would load it,
+- checks the preset's `sglang:` defaults against SGLang's own flags,
 - fills in the flags LSA needs (backend, page size = chunk size) and the preset's
-  `sglang:` defaults, and on a host without CUDA takes SGLang's CPU engine route,
+  `sglang:` defaults, binds loopback unless `--host` is given, and on a host without CUDA
+  takes SGLang's CPU engine route,
 then runs SGLang's launcher unchanged.
 """
 
@@ -17,9 +20,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lsa_sglang.config import ENV_VAR, LSAConfig, LSAConfigError, read_preset
+from lsa_sglang.config import ENV_VAR, LSAConfig, LSAConfigError, read_preset, show, show_key
 
 DEFAULT_CPU_MAX_TOTAL_TOKENS = 32768
+DEFAULT_HOST = "127.0.0.1"
+BACKEND = "lsa"
 
 
 class LaunchError(SystemExit):
@@ -77,7 +82,64 @@ def load_preset(path: str | None) -> tuple[LSAConfig, list[list[str]]]:
     if path is None:
         return LSAConfig(), []
     config, sglang_defaults = read_preset(path)
-    return config, _sglang_defaults(sglang_defaults)
+    per_key = {key: _sglang_defaults({key: value}) for key, value in sglang_defaults.items()}
+    check_sglang_flags({key: flags[0] for key, flags in per_key.items() if flags})
+    return config, [flag for flags in per_key.values() for flag in flags]
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+def _sglang_parser():
+    """SGLang's own command-line parser, raising instead of printing usage and exiting."""
+    import argparse
+
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.server_args import ServerArgs
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise _ArgumentError(message)
+
+    if BACKEND not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND])
+    parser = Parser(prog="sglang serve", add_help=False)
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def check_sglang_flags(flags: dict[str, list[str]]) -> None:
+    """Each key of the preset's `sglang:` map is an SGLang flag and its value one the flag takes
+    (raises LSAConfigError naming `sglang.<key>`)."""
+    if not flags:
+        return
+    import logging
+
+    parser = _sglang_parser()
+    options = parser._option_string_actions
+    previous = logging.root.manager.disable
+    logging.disable(logging.CRITICAL)  # deprecated flags warn when parsed; SGLang warns again later
+    try:
+        for key, flag in flags.items():
+            field = f"lsa config field 'sglang.{show_key(key)}'"
+            action = options.get(flag[0])
+            if action is None:
+                raise LSAConfigError(
+                    f"{field}: --{show_key(flag[0][2:])} is not an SGLang server flag "
+                    "(python -m sglang.launch_server --help)"
+                )
+            if action.nargs == 0 and len(flag) > 1:
+                raise LSAConfigError(f"{field}: {flag[0]} is a switch; expected true or false, got {show(flag[1])}")
+            try:
+                parser.parse_args(["--model-path", "model", *flag])
+            except _ArgumentError as e:
+                message = " ".join(str(e).split())
+                if len(message) > 200:
+                    message = message[:197] + "..."
+                raise LSAConfigError(f"{field}: {message}") from None
+    finally:
+        logging.disable(previous)
 
 
 def model_num_layers(model_path: str) -> int | None:
@@ -99,6 +161,71 @@ def check_against_model(config: LSAConfig, model_path: str) -> None:
             f"lsa config field 'target_layers': expected layer indices in [0, {n - 1}] "
             f"for this model ({n} layers), got {list(config.target_layers)!r}"
         )
+
+
+def model_hf_config(model_path: str, argv: list[str]) -> dict | None:
+    """The model's config as the server will see it (SGLang's loader, with
+    --json-model-override-args applied); the bare config.json if that loader fails; None
+    without a config.json."""
+    cfg = Path(model_path) / "config.json"
+    if not cfg.is_file():
+        return None
+    override: dict = {}
+    raw_override = _flag_value(argv, "--json-model-override-args")
+    if raw_override:
+        try:
+            override = json.loads(raw_override)
+        except json.JSONDecodeError:
+            override = {}
+        override = override if isinstance(override, dict) else {}
+    try:
+        from sglang.srt.utils.hf_transformers.config import get_config
+
+        hf = get_config(
+            model_path,
+            trust_remote_code=_has_flag(argv, "--trust-remote-code"),
+            revision=_flag_value(argv, "--revision"),
+            model_override_args=override,
+        )
+        return hf.to_dict()
+    except Exception:
+        pass
+    try:
+        data = json.loads(cfg.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return {**data, **override} if isinstance(data, dict) else None
+
+
+def check_checkpoint(config: LSAConfig, model_path: str, argv: list[str]) -> None:
+    """Load the indexer checkpoint the way the server will and check it against the model: a
+    checkpoint that would stop the server stops the launcher instead, with one message."""
+    if not config.indexer_checkpoint:
+        return
+    from lsa_sglang.indexer.checkpoint import (
+        IndexerCheckpointError,
+        architecture_fields,
+        load_indexer,
+        model_id_from_path,
+        spec_from_hf_config,
+    )
+    from lsa_sglang.models.adapter import default_target_layers
+
+    expected = None
+    hf = model_hf_config(model_path, argv)
+    if hf is not None:
+        try:
+            n = int(architecture_fields(hf)["num_hidden_layers"])
+            layers = config.target_layers or default_target_layers(n)
+            expected = spec_from_hf_config(
+                hf, model_id_from_path(model_path), tuple(layers), config.chunk_size, config.tau, config.threshold
+            )
+        except Exception:  # a config we cannot read: check the file on its own
+            expected = None
+    try:
+        load_indexer(config.indexer_checkpoint, expected)
+    except IndexerCheckpointError as e:
+        raise LSAConfigError(f"lsa config field 'indexer_checkpoint': {e}") from None
 
 
 def cuda_available() -> bool:
@@ -136,13 +263,23 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
         model = fetched
     try:
         check_against_model(config, model)
+        if _flag_value(argv, "--attention-backend") in (None, BACKEND):
+            check_checkpoint(config, model, argv)
     except LSAConfigError as e:
         raise LaunchError(str(e)) from None
+
+    if not _has_flag(argv, "--host"):
+        argv += ["--host", DEFAULT_HOST]
+        print(
+            f"lsa_sglang.launch_server: listening on {DEFAULT_HOST} (loopback only); "
+            "pass --host 0.0.0.0 to accept connections from other machines",
+            file=sys.stderr,
+        )
 
     backend = _flag_value(argv, "--attention-backend")
     if backend is None:
         argv += ["--attention-backend", "lsa"]
-    elif backend != "lsa":
+    elif backend != BACKEND:
         print(
             f"lsa_sglang.launch_server: warning: --attention-backend {backend} given; "
             "LSA is inactive on this server",

@@ -61,3 +61,106 @@ def test_bad_config_fails_once_with_clear_message(tmp_path):
     assert r.returncode == 2
     lines = [x for x in r.stderr.splitlines() if x.strip()]
     assert lines == ["lsa_sglang.launch_server: error: lsa config field 'tau': expected an integer in [1, 65536], got 0"]
+
+
+# -- the indexer checkpoint is checked before SGLang starts -------------------------------------
+TINY_LLAMA = {
+    "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 32, "intermediate_size": 64,
+    "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
+    "vocab_size": 128, "rms_norm_eps": 1e-5,
+}
+
+
+def _model_with_checkpoint(tmp_path, preset="chunk_size: 32\n", poison=None):
+    """A model folder, a checkpoint written by save_indexer for it (chunk size 32, the server's
+    default target layers) and a preset naming the checkpoint by a path relative to the preset."""
+    import torch
+
+    from lsa_sglang.indexer.checkpoint import save_indexer, spec_from_hf_config
+    from lsa_sglang.indexer.model import NeuralMemoryIndexer
+    from lsa_sglang.models.adapter import default_target_layers
+
+    model = tmp_path / "tiny-llama"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(TINY_LLAMA))
+    spec = spec_from_hf_config(TINY_LLAMA, "tiny-llama", default_target_layers(4), 32, 64, 0.5)
+    indexer = NeuralMemoryIndexer(spec)
+    if poison is not None:
+        with torch.no_grad():
+            getattr(indexer, poison).view(-1)[-1] = float("nan")
+    save_indexer(indexer, tmp_path / "ckpt" / "idx.safetensors")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(preset + "indexer_checkpoint: ckpt/idx.safetensors\n")
+    return str(model), str(cfg)
+
+
+def _refused(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as e:
+        ls.prepare_argv(argv)
+    assert e.value.code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("lsa_sglang.launch_server: error: lsa config field 'indexer_checkpoint': ")
+    return lines[0]
+
+
+def test_checkpoint_that_fits_is_accepted(tmp_path):
+    model, cfg = _model_with_checkpoint(tmp_path)
+    argv, config = ls.prepare_argv(["--model-path", model, "--lsa-config", cfg])
+    assert config.indexer_checkpoint == str(tmp_path / "ckpt" / "idx.safetensors")
+    assert ls._flag_value(argv, "--page-size") == "32"
+
+
+def test_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
+    model, cfg = _model_with_checkpoint(tmp_path, poison="weights_proj")
+    line = _refused(["--model-path", model, "--lsa-config", cfg], capsys)
+    assert "tensor 'weights_proj' has 1 NaN or infinite values" in line
+
+
+def test_checkpoint_for_other_chunking_or_model_is_refused(tmp_path, capsys):
+    model, cfg = _model_with_checkpoint(tmp_path, preset="chunk_size: 64\n")
+    assert "field 'chunk_size' expected 64, got 32" in _refused(["--model-path", model, "--lsa-config", cfg], capsys)
+    renamed = tmp_path / "other-model"
+    (tmp_path / "tiny-llama").rename(renamed)
+    line = _refused(["--model-path", str(renamed), "--lsa-config", cfg, "--page-size", "64"], capsys)
+    assert "field 'model_id' expected 'other-model', got 'tiny-llama'" in line
+    (renamed / "config.json").write_text(json.dumps({**TINY_LLAMA, "num_hidden_layers": 8}))
+    line = _refused(["--model-path", str(renamed), "--lsa-config", cfg], capsys)
+    assert "'model_id'" in line or "'config_hash'" in line
+
+
+def test_missing_checkpoint_is_refused(tmp_path, capsys):
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("indexer_checkpoint: nowhere.safetensors\n")
+    line = _refused(["--model-path", _model_dir(tmp_path), "--lsa-config", str(cfg)], capsys)
+    assert f"{tmp_path / 'nowhere.safetensors'}: file not found" in line
+
+
+def test_bad_checkpoint_stops_the_server_process_with_one_line(tmp_path):
+    model, cfg = _model_with_checkpoint(tmp_path, poison="layer_bias")
+    r = subprocess.run(
+        [sys.executable, "-m", "lsa_sglang.launch_server", "--model-path", model, "--lsa-config", cfg],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2
+    lines = [x for x in r.stderr.splitlines() if x.strip()]
+    assert len(lines) == 1 and "'indexer_checkpoint'" in lines[0] and "'layer_bias'" in lines[0], r.stderr
+
+
+# -- the bind address ---------------------------------------------------------------------------
+def test_binds_loopback_unless_host_given(tmp_path, capsys):
+    m = _model_dir(tmp_path)
+    argv, _ = ls.prepare_argv(["--model-path", m])
+    assert ls._flag_value(argv, "--host") == "127.0.0.1"
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and "127.0.0.1 (loopback only)" in lines[0] and "--host 0.0.0.0" in lines[0]
+
+    argv, _ = ls.prepare_argv(["--model-path", m, "--host", "0.0.0.0"])
+    assert ls._flag_value(argv, "--host") == "0.0.0.0" and argv.count("--host") == 1
+    argv, _ = ls.prepare_argv(["--model-path", m, "--host=::"])
+    assert ls._flag_value(argv, "--host") == "::" and "--host" not in argv
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("sglang:\n  host: 0.0.0.0\n")
+    argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg)])
+    assert ls._flag_value(argv, "--host") == "0.0.0.0"
+    assert capsys.readouterr().err == ""
