@@ -20,8 +20,9 @@ def _dockerfile_command() -> list[str]:
     text = (ROOT / "docker/Dockerfile").read_text()
     entry = json.loads(re.search(r"^ENTRYPOINT (\[.*\])$", text, re.M).group(1))
     cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))
-    assert entry == ["python3", "-m", "lsa_sglang.launch_server"]
-    return cmd
+    assert entry[:3] == ["python3", "-m", "lsa_sglang.launch_server"]
+    assert entry[3:] == ["--host", "0.0.0.0"]  # kept when `docker run IMAGE ...` replaces CMD
+    return entry[3:] + cmd
 
 
 def _compose_command() -> list[str]:
