@@ -5,6 +5,7 @@ prompt the host mirror cannot hold."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import math
 import random
 import time
@@ -39,6 +40,23 @@ def stats(server) -> dict:
     r = requests.get(server.url + "/lsa/stats", timeout=60)
     r.raise_for_status()
     return r.json()
+
+
+def assert_no_request_content(server, ids: list[int], words: list[str]) -> None:
+    """/lsa/stats holds counts and identifiers only: no prompt text, no token ids."""
+    r = requests.get(server.url + "/lsa/stats", timeout=60)
+    r.raise_for_status()
+    for word in words:
+        assert word not in r.text, word
+    body = r.json()
+    assert set(body) == {"server", "requests"}
+    assert all(isinstance(v, (int, float)) for v in body["server"].values()), body["server"]
+    for req in body["requests"]:
+        for key, value in req.items():
+            assert isinstance(value, (int, float, bool)) or (key in ("rid", "policy") and isinstance(value, str)), key
+    compact = json.dumps(body, separators=(",", ":"))
+    for i in range(0, len(ids) - 4, 97):
+        assert ",".join(map(str, ids[i : i + 4])) not in compact
 
 
 def wait_idle(server, timeout=120, flush=False) -> dict:
@@ -88,6 +106,7 @@ def test_footprint_at_7k_and_finite_outputs(lsa_server, baseline):
     ratio = req["peak_device_kv_bytes"] / req["full_kv_bytes"]
     assert ratio <= 0.15, req
     assert req["host_kv_bytes"] >= 0.95 * req["full_kv_bytes"]  # the full KV is on the host
+    assert_no_request_content(lsa_server, ids, ["secret", "Remember", "Question"])
 
 
 def test_no_leak_after_finish_abort_and_disconnect(lsa_server, baseline):

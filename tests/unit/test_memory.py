@@ -88,3 +88,23 @@ def test_host_mirror_too_small():
 )
 def test_subtract_released_ranges(ranges, holes, expected):
     assert _subtract(ranges, holes) == expected
+
+
+def test_request_stats_hold_no_request_content():
+    """`/lsa/stats` lists RequestStats as they are: counts, bytes, seconds and flags, plus the
+    request id and the policy name. No field can hold prompt text, output text or token ids."""
+    import dataclasses
+    import json
+
+    from lsa_sglang.config import POLICIES
+    from lsa_sglang.memory.manager import RequestStats
+
+    types = {f.name: f.type for f in dataclasses.fields(RequestStats)}
+    assert {n for n, t in types.items() if t not in ("int", "float", "bool")} == {"rid", "policy"}
+    assert types["rid"] == "str" and types["policy"] == "str"
+    assert RequestStats("r").policy in POLICIES
+    # every *_tokens field is a count
+    assert all(types[n] == "int" for n in types if "token" in n)
+    row = dataclasses.asdict(RequestStats("r", prompt_tokens=7000, output_tokens=32))
+    assert all(not isinstance(v, (list, dict, tuple, bytes)) for v in row.values())
+    assert json.loads(json.dumps(row)) == row
