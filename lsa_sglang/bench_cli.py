@@ -5,6 +5,8 @@
     lsa-bench accuracy --url URL --tasks T,.. --lengths L,.. --samples N [--json OUT]
     lsa-bench compare --model-path P --lengths L,.. --budgets B,.. [--tasks ..] [--samples N]
     lsa-bench throughput --model-path P --context L --concurrency C,.. [--max-total-tokens N]
+    lsa-bench kits --model-path P [--kits K,..] [--variants short,long]   # SGLang's kits, stock vs LSA
+    lsa-bench soak --model-path P [--requests 1000] [--concurrency 12]   # mixed load + bad input
 
 `accuracy` works against any SGLang-compatible server. `compare` and `throughput` start the
 servers themselves, one at a time (stock SGLang, then LSA), with the same flags and KV budget, or
@@ -23,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -600,6 +603,117 @@ def _throughput_run(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- kits --------------------------------------------------------------------------------------
+
+
+def _kits_args(p: argparse.ArgumentParser) -> None:
+    _add_server_args(p)
+    p.add_argument("--kits", type=name_list, default=None,
+                   help="kits (or kit.test_name) to run, default all that apply to one server")
+    p.add_argument("--variants", type=name_list, default=["short", "long"],
+                   help="short: the kits' own prompts; long: a ~2.7K-token document in front of each")
+    p.add_argument("--targets", type=name_list, default=["stock", "lsa"], help="stock, lsa")
+    _add_output_args(p)
+
+
+def _kits_run(args: argparse.Namespace) -> int:
+    import tempfile
+    from dataclasses import asdict
+
+    from lsa_sglang.bench import kits as K
+    from lsa_sglang.bench.results import run_metadata
+
+    bad = [v for v in args.variants if v not in ("short", "long")] + [t for t in args.targets if t not in ("stock", "lsa")]
+    if bad:
+        raise CliError(f"unknown variant or target {bad[0]!r}")
+    model_path = str(_resolve_model(args.model_path))
+    results: dict[str, list] = {}
+    with tempfile.TemporaryDirectory(prefix="lsa-bench-") as tmp:
+        preset = _preset(args, Path(tmp))
+        flags = _server_flags(args, preset, 8192, 8)
+        servers = _Servers(args, model_path, preset, flags)
+        for target in args.targets:
+            try:
+                results[target] = servers.run(target, lambda c: K.run_kits(c.url, args.kits, tuple(args.variants),
+                                                                           progress=not args.quiet))
+            except ValueError as e:
+                raise CliError(str(e)) from None
+    rows = K.parity(results.get("stock", []), results.get("lsa", [])) if "lsa" in results else []
+    if rows:
+        print(K.format_table(rows))
+    regressions = [r for r in rows if r["regression"]]
+    summary = {t: dict(Counter(r.outcome for r in res)) for t, res in results.items()}
+    print(f"kits: {summary}; LSA fails {len(regressions)} test(s) that pass on stock")
+    data = {"kind": "kits", "label": args.label,
+            "meta": run_metadata(model_path, servers=servers.info, flags=flags, preset=str(preset)),
+            "config": {"kits": args.kits, "variants": args.variants, "targets": args.targets,
+                       "not_applicable": K.NOT_APPLICABLE},
+            "summary": summary, "regressions": len(regressions), "rows": rows,
+            "results": {t: [asdict(r) for r in res] for t, res in results.items()}}
+    saved, _ = _save(args, "kits", model_path, data,
+                     {"kind": "kits", "label": args.label, "summary": summary, "regressions": len(regressions)}, None)
+    _report_paths(saved, None, args)
+    return 1 if regressions else 0
+
+
+# --- soak --------------------------------------------------------------------------------------
+
+
+def _soak_args(p: argparse.ArgumentParser) -> None:
+    _add_server_args(p)
+    p.add_argument("--requests", type=int, default=1000, help="requests to send (default 1000)")
+    p.add_argument("--concurrency", type=int, default=12, help="clients at once (default 12)")
+    p.add_argument("--host-pool-gb", type=float, default=0.75,
+                   help="host mirror of the started server: small, so long prompts queue for it (default 0.75)")
+    p.add_argument("--tau", type=int, default=16, help="window length of the started server (default 16)")
+    p.add_argument("--no-poison", action="store_true",
+                   help="do not fill released device cells with NaN (poisoning shows any read of them)")
+    p.add_argument("--abort-all-every", type=int, default=250, help="an abort-all round after this many jobs")
+    p.add_argument("--seed", type=int, default=0)
+    _add_output_args(p)
+
+
+def _soak_run(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from lsa_sglang.bench import soak as S
+    from lsa_sglang.bench.results import run_metadata
+    from lsa_sglang.bench.servers import write_preset
+
+    model_path = str(_resolve_model(args.model_path))
+    with tempfile.TemporaryDirectory(prefix="lsa-bench-") as tmp:
+        preset = _preset(args, Path(tmp))
+        if not args.lsa_url and preset is not None:
+            preset = write_preset(preset, {"host_pool_gb": args.host_pool_gb, "tau": args.tau,
+                                           "poison_released": not args.no_poison}, Path(tmp))
+        flags = _server_flags(args, preset, 8192, 8)
+        servers = _Servers(args, model_path, preset, flags)
+
+        def go(client):
+            soak = S.Soak(client.url, args.requests, args.concurrency, args.seed, args.abort_all_every,
+                          progress=not args.quiet)
+            return soak.run().to_dict()
+
+        rep = servers.run("lsa", go)
+        log = servers.log.read_text(errors="replace") if servers.log else ""
+    rep["server_log_errors"] = [ln[:300] for ln in log.splitlines() if "Traceback" in ln or "leak detected" in ln]
+    rep["passed"] = rep["passed"] and not rep["server_log_errors"]
+    print(S.format_report(rep))
+    data = {"kind": "soak", "label": args.label,
+            "meta": run_metadata(model_path, servers=servers.info, flags=flags, preset=str(preset)),
+            "config": {"requests": args.requests, "concurrency": args.concurrency, "host_pool_gb": args.host_pool_gb,
+                       "tau": args.tau, "poison_released": not args.no_poison, "seed": args.seed,
+                       "abort_all_every": args.abort_all_every, "mix": S.MIX},
+            **rep}
+    title = f"soak of {Path(model_path).name}: {rep['requests']} requests, {rep['wall_s']:.0f} s"
+    saved, png = _save(args, "soak", model_path, data,
+                       {"kind": "soak", "label": args.label, "passed": rep["passed"], "requests": rep["requests"],
+                        "server_deaths": rep["server_deaths"], "leaked": rep["leaked"], "failures": rep["failures"]},
+                       lambda p: S.plot(rep, p, title))
+    _report_paths(saved, png, args)
+    return 0 if rep["passed"] else 1
+
+
 # --- entry point -------------------------------------------------------------------------------
 
 COMMANDS = {
@@ -609,6 +723,9 @@ COMMANDS = {
     "compare": ("stock SGLang vs LSA methods at equal budgets: accuracy and device KV ratio",
                 _compare_args, _compare_run),
     "throughput": ("stock vs LSA under concurrent load at the same KV budget", _throughput_args, _throughput_run),
+    "kits": ("SGLang's own server test kits against stock and LSA: a parity table", _kits_args, _kits_run),
+    "soak": ("a bounded soak of one LSA server: mixed traffic, bad input, aborts, back at baseline",
+             _soak_args, _soak_run),
 }
 
 

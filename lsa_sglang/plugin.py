@@ -4,7 +4,8 @@ SGLang calls `register()` early in every process it starts (CLI, Engine, schedul
 detokenizer). It registers:
 - the `lsa` attention backend (lsa_sglang.attention.backend),
 - the `lsa` radix cache backend (lsa_sglang.memory.radix),
-- hooks: per-request overrides and a refusal of prompts the host mirror can never hold when a
+- hooks: per-request overrides (checked where SGLang checks sampling params, and again when
+  the scheduler builds the `Req`) and a refusal of prompts the host mirror can never hold when a
   `Req` is built, host-mirror admission control in the prefill adder, LSA stats in the
   scheduler's internal state, and capacity: the prefill adder reserves for a running LSA row
   what LSA will really hold (`LSAMemoryManager.decode_need_tokens`, not its remaining
@@ -16,8 +17,10 @@ Everything here is idempotent.
 
 from __future__ import annotations
 
+import functools
 import logging
 import multiprocessing
+import os
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +75,9 @@ def register() -> None:
     HookRegistry.register(
         "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract, HookType.AFTER
     )
+    HookRegistry.register(
+        "sglang.srt.sampling.sampling_params.SamplingParams.verify", _after_sampling_verify, HookType.AFTER
+    )
     if multiprocessing.current_process().name == "MainProcess":
         _add_http_routes()
     _registered = True
@@ -123,6 +129,25 @@ def parse_overrides(custom_params, base=None) -> dict:
             f"({min_pages}), got {budget}"
         )
     return dict(over)
+
+
+@functools.cache
+def _launcher_config():
+    """The config our launcher validated and handed to SGLang's processes; None elsewhere
+    (stock `sglang.launch_server` with this package installed keeps its behaviour)."""
+    from lsa_sglang.config import ENV_VAR, LSAConfig
+
+    return LSAConfig.from_env() if os.environ.get(ENV_VAR) else None
+
+
+def _after_sampling_verify(result, params, *args, **kwargs):
+    """SGLang checks sampling params in the HTTP process before queueing the request; a bad
+    `custom_params.lsa` is refused there too (LSAConfigError is a ValueError), so a streamed
+    request gets the same 400 naming the key as a plain one, and never reaches the scheduler."""
+    config = _launcher_config()
+    if config is not None:
+        parse_overrides(getattr(params, "custom_params", None), config)
+    return result
 
 
 def _after_req_init(result, req, *args, **kwargs):

@@ -742,6 +742,7 @@ class LSAMemoryManager:
             host_kv_bytes=self.host.used_slots * self.page_bytes,
             host_cached_bytes=self.host.cached_slots * self.page_bytes,
             host_capacity_bytes=self.host.capacity * self.page_bytes,
+            chunk_bytes=self.page_bytes,
             running_requests=len(running),
             host_reserved_bytes=sum(self.host_reserved.values()) * self.page_bytes,
             device_free_tokens=int(self.allocator.available_size()),

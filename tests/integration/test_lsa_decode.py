@@ -152,10 +152,26 @@ def test_prompt_larger_than_host_pool_is_refused(lsa_server):
     assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
 
 
-def test_bad_override_is_refused(lsa_server):
+@pytest.mark.parametrize("stream", [False, True])
+def test_bad_override_is_refused(lsa_server, stream):
+    """Refused like SGLang refuses a bad sampling param, before anything is generated: a 400
+    naming the key (a streamed /generate gets it as its one error event, as SGLang streams errors)."""
     r = requests.post(lsa_server.url + "/generate", timeout=60, json={
-        "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 2, "custom_params": {"lsa": {"policy": "oracle"}}}})
-    assert "one of indexer, recency, random, quest" in str(r.json())
+        "input_ids": [1, 2, 3], "stream": stream,
+        "sampling_params": {"max_new_tokens": 2, "custom_params": {"lsa": {"policy": "oracle"}}}})
+    if stream:
+        events = [json.loads(line[5:]) for line in r.text.splitlines() if line.startswith("data:") and "{" in line]
+        assert r.status_code == 200 and len(events) == 1, r.text
+        error = events[0]["error"]
+        assert error["code"] == 400, r.text
+    else:
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+    assert "'policy': expected one of indexer, recency, random, quest" in error["message"]
+    r = requests.post(lsa_server.url + "/v1/completions", timeout=60, json={
+        "model": "default", "prompt": "hi", "max_tokens": 2, "stream": stream,
+        "custom_params": {"lsa": {"page_budget": 0}}})
+    assert r.status_code == 400 and "'page_budget'" in r.json()["message"], r.text
 
 
 @pytest.mark.parametrize("policy", ["recency", "random", "quest", "attention"])
