@@ -90,6 +90,10 @@ def write_preset(base: str | os.PathLike[str], changes: dict[str, Any], folder: 
     import yaml
 
     data = yaml.safe_load(Path(base).read_text()) or {}
+    ckpt = data.get("indexer_checkpoint")
+    if isinstance(ckpt, str) and ckpt and not os.path.isabs(ckpt):
+        # Relative to the preset it came from, not to the copy's folder.
+        data["indexer_checkpoint"] = str((Path(base).resolve().parent / ckpt).resolve())
     data.update(changes)
     out = folder / "lsa-bench-preset.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))

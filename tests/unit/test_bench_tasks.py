@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 from collections import Counter
 
 import pytest
@@ -292,3 +293,15 @@ def test_servers_flag_merge():
                          ["--dtype", "float32", "--max-total-tokens=4096"])
     assert merged == ["--context-length", "8192", "--enable-x", "--dtype", "float32", "--max-total-tokens=4096"]
     assert flag_value(merged, "--max-total-tokens") == "4096" and flag_value(merged, "--dtype") == "float32"
+
+
+def test_write_preset_keeps_relative_checkpoint_pointing_at_the_same_file(tmp_path):
+    from lsa_sglang.bench.servers import write_preset
+    from lsa_sglang.config import read_preset
+
+    base = Path(__file__).parents[2] / "server_configs" / "cpu-smollm2.yaml"
+    want = read_preset(base)[0].indexer_checkpoint
+    copy = write_preset(base, {"tau": 16}, tmp_path)
+    config = read_preset(copy)[0]
+    assert config.indexer_checkpoint == want and Path(want).is_file()
+    assert config.tau == 16
