@@ -143,22 +143,33 @@ def _test_case(kit: str, url: str, model: str, page_size: int) -> tuple[type[uni
     return type(f"{kit}_OnServer", (unittest.TestCase,), {**base, f"test_{kit}": test_radix_tree}), module
 
 
-def run_kits(url: str, kits: list[str] | None = None, variants: tuple[str, ...] = ("short",),
-             progress: bool = False) -> list[KitResult]:
-    """The chosen kits (`kit` for all its tests, `kit.test_name` for one; default all) against
-    the server at `url`, in each variant."""
-    info = requests.get(url + "/get_server_info", timeout=60).json()
-    model = requests.get(url + "/get_model_info", timeout=60).json()["model_path"]
-    page_size = int(info.get("page_size") or 1)
+def select(kits: list[str] | None) -> dict[str, set[str] | None]:
+    """`kit` (all its tests) or `kit.test_name` selectors -> {kit: test names or None}, checked
+    against the kits before any server is touched."""
     chosen: dict[str, set[str] | None] = {}
     for sel in list(KITS) if kits is None else kits:
         kit, _, test = sel.partition(".")
         if kit not in KITS:
             raise ValueError(f"unknown kit {kit!r}; known: {', '.join(KITS)}")
-        if test and chosen.get(kit, set()) is not None:
-            chosen.setdefault(kit, set()).add(test)
+        if test:
+            names = unittest.TestLoader().getTestCaseNames(_test_case(kit, "http://127.0.0.1:9", "", 1)[0])
+            if test not in names:
+                raise ValueError(f"kit {kit!r} has no test {test!r}; it has {', '.join(names)}")
+            if chosen.get(kit, set()) is not None:
+                chosen.setdefault(kit, set()).add(test)
         else:
             chosen[kit] = None
+    return chosen
+
+
+def run_kits(url: str, kits: list[str] | None = None, variants: tuple[str, ...] = ("short",),
+             progress: bool = False) -> list[KitResult]:
+    """The chosen kits (`kit` for all its tests, `kit.test_name` for one; default all) against
+    the server at `url`, in each variant."""
+    chosen = select(kits)
+    info = requests.get(url + "/get_server_info", timeout=60).json()
+    model = requests.get(url + "/get_model_info", timeout=60).json()["model_path"]
+    page_size = int(info.get("page_size") or 1)
     out: list[KitResult] = []
     for variant in variants:
         for kit, tests in chosen.items():
@@ -176,11 +187,7 @@ def _run_one(kit: str, tests: set[str] | None, variant: str, url: str, model: st
     try:
         if variant == "long" and saved is not None:
             module.requests = _LongPrompts(long_document())
-        names = unittest.TestLoader().getTestCaseNames(case)
-        missing = sorted(set(tests or ()) - set(names))
-        if missing:
-            raise ValueError(f"kit {kit!r} has no test {missing[0]!r}; it has {', '.join(names)}")
-        for name in names:
+        for name in unittest.TestLoader().getTestCaseNames(case):
             if (tests is not None and name not in tests) or (variant == "long" and f"{kit}.{name}" in LONG_SKIP):
                 continue
             t0 = time.monotonic()
