@@ -35,7 +35,7 @@ from lsa_sglang.bench.words import ADJECTIVES, NOUNS
 
 # job kind -> weight in the mix (abort-all rounds come on top, every `abort_all_every` jobs)
 MIX: dict[str, float] = {
-    "short": 26, "long_shared": 10, "long_cold": 2, "decode_long": 5, "chat": 6, "override": 9,
+    "short": 26, "long_shared": 8, "long_cold": 1, "decode_long": 5, "chat": 6, "override": 9,
     "json": 5, "stream_disconnect": 6, "abort_one": 3,
     "bad_too_long": 5, "bad_sampling": 7, "bad_lsa": 9, "bad_body": 4, "pair_greedy": 3,
 }
@@ -125,7 +125,7 @@ class Soak:
 
     def __init__(self, url: str, n_requests: int = 1000, concurrency: int = 12, seed: int = 0,
                  abort_all_every: int = 250, solo_fraction: float = 0.12, timeout: float = 900,
-                 sample_interval: float = 1.0, progress: bool = False, shared_docs: int = 3,
+                 sample_interval: float = 1.0, progress: bool = False, shared_docs: int = 2,
                  mix: dict[str, float] | None = None) -> None:
         self.url = url.rstrip("/")
         self.n = n_requests
@@ -240,7 +240,7 @@ class Soak:
             ids, n = self._prompt(self.long_len // 2, self.long_len), rng.randint(4, 12)
             return lambda: self._greedy(ids, n, check=check)
         if kind == "decode_long":
-            ids, n = self._prompt(800, 2500), rng.randint(96, 192)
+            ids, n = self._prompt(600, 1500), rng.randint(96, 160)
             return lambda: self._greedy(ids, n, check=check, ignore_eos=True)
         if kind == "override":
             from lsa_sglang.config import POLICIES
@@ -250,11 +250,11 @@ class Soak:
                 lsa["page_budget"] = rng.randint(2, 12)
             if rng.random() < 0.2:
                 lsa = {"enabled": False}
-            ids, n = self._prompt(600, 3000), rng.randint(8, 48)
+            ids, n = self._prompt(400, 2000), rng.randint(8, 48)
             return lambda: self._greedy(ids, n, lsa=lsa, check=check)
         if kind == "pair_greedy":
             # The same prompt twice at once: both must give the same tokens (and match alone).
-            ids, n = self._prompt(300, 2000), rng.randint(8, 24)
+            ids, n = self._prompt(300, 1500), rng.randint(8, 24)
             return lambda: self._pair(ids, n)
         if kind == "json":
             ids = self._prompt(40, 600)[: -len(self.question)] + _tokenize(
@@ -264,10 +264,10 @@ class Soak:
             turns = [" ".join(rng.choice(NOUNS) for _ in range(rng.randint(8, 400))) for _ in range(rng.randint(2, 3))]
             return lambda: self._chat(turns)
         if kind == "stream_disconnect":
-            ids, keep = self._prompt(200, 3000), rng.randint(1, 12)
+            ids, keep = self._prompt(150, 1500), rng.randint(1, 12)
             return lambda: self._disconnect(ids, keep)
         if kind == "abort_one":
-            ids, wait = self._prompt(200, 3000), rng.uniform(0.5, 4.0)
+            ids, wait = self._prompt(150, 1500), rng.uniform(0.5, 4.0)
             return lambda: self._abort_one(ids, wait)
         if kind == "bad_too_long":
             n = self.context + rng.randint(1, 600)
@@ -287,7 +287,7 @@ class Soak:
             return lambda: self._expect_4xx(self._post(route, body), word)
         if kind == "bad_lsa":
             lsa, word = rng.choice(BAD_LSA)
-            ids, stream = self._prompt(24, 1500), rng.random() < 0.5
+            ids, stream = self._prompt(24, 400), rng.random() < 0.5
             if rng.random() < 0.5:
                 body = {"input_ids": ids, "stream": stream,
                         "sampling_params": {"max_new_tokens": 8, "custom_params": {"lsa": lsa}}}
