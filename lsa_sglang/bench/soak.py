@@ -35,7 +35,7 @@ from lsa_sglang.bench.words import ADJECTIVES, NOUNS
 
 # job kind -> weight in the mix (abort-all rounds come on top, every `abort_all_every` jobs)
 MIX: dict[str, float] = {
-    "short": 26, "long_shared": 8, "long_cold": 1, "decode_long": 5, "chat": 6, "override": 9,
+    "short": 26, "long_shared": 8, "long_cold": 0.6, "decode_long": 5, "chat": 6, "override": 9,
     "json": 5, "stream_disconnect": 6, "abort_one": 3,
     "bad_too_long": 5, "bad_sampling": 7, "bad_lsa": 9, "bad_body": 4, "pair_greedy": 3,
 }
@@ -240,7 +240,7 @@ class Soak:
             ids, n = self._prompt(self.long_len // 2, self.long_len), rng.randint(4, 12)
             return lambda: self._greedy(ids, n, check=check)
         if kind == "decode_long":
-            ids, n = self._prompt(600, 1500), rng.randint(96, 160)
+            ids, n = self._prompt(400, 1000), rng.randint(96, 160)
             return lambda: self._greedy(ids, n, check=check, ignore_eos=True)
         if kind == "override":
             from lsa_sglang.config import POLICIES
@@ -250,24 +250,24 @@ class Soak:
                 lsa["page_budget"] = rng.randint(2, 12)
             if rng.random() < 0.2:
                 lsa = {"enabled": False}
-            ids, n = self._prompt(400, 2000), rng.randint(8, 48)
+            ids, n = self._prompt(300, 1200), rng.randint(8, 48)
             return lambda: self._greedy(ids, n, lsa=lsa, check=check)
         if kind == "pair_greedy":
             # The same prompt twice at once: both must give the same tokens (and match alone).
-            ids, n = self._prompt(300, 1500), rng.randint(8, 24)
+            ids, n = self._prompt(200, 800), rng.randint(8, 24)
             return lambda: self._pair(ids, n)
         if kind == "json":
             ids = self._prompt(40, 600)[: -len(self.question)] + _tokenize(
                 self.url, "\nName a city and the year it was founded, as JSON:")
             return lambda: self._json(ids, check)
         if kind == "chat":
-            turns = [" ".join(rng.choice(NOUNS) for _ in range(rng.randint(8, 400))) for _ in range(rng.randint(2, 3))]
+            turns = [" ".join(rng.choice(NOUNS) for _ in range(rng.randint(8, 200))) for _ in range(rng.randint(2, 3))]
             return lambda: self._chat(turns)
         if kind == "stream_disconnect":
-            ids, keep = self._prompt(150, 1500), rng.randint(1, 12)
+            ids, keep = self._prompt(100, 800), rng.randint(1, 12)
             return lambda: self._disconnect(ids, keep)
         if kind == "abort_one":
-            ids, wait = self._prompt(150, 1500), rng.uniform(0.5, 4.0)
+            ids, wait = self._prompt(100, 800), rng.uniform(0.5, 4.0)
             return lambda: self._abort_one(ids, wait)
         if kind == "bad_too_long":
             n = self.context + rng.randint(1, 600)
