@@ -142,7 +142,6 @@ class Soak:
             raise ValueError(f"unknown soak job kind {unknown[0]!r}; known: {', '.join(MIX)}")
         info = requests.get(self.url + "/get_server_info", timeout=60).json()
         self.context = int(info["context_length"])
-        self.max_running = int(info.get("max_running_requests") or 8)
         stats = self._stats()
         chunk = int(info.get("page_size") or 64)
         host_tokens = stats["host_capacity_bytes"] // stats["chunk_bytes"] * chunk
@@ -216,11 +215,9 @@ class Soak:
         return Outcome("", True)
 
     def job(self, kind: str) -> Outcome:
-        rng = self.rng
-        check = rng.random() < self.solo_fraction
         t0 = time.monotonic()
-        with self._lock:
-            spec = self._spec(kind, check)
+        with self._lock:  # the workers share one random stream
+            spec = self._spec(kind, self.rng.random() < self.solo_fraction)
         out = spec()
         out.kind, out.seconds = kind, time.monotonic() - t0
         return out
@@ -229,8 +226,8 @@ class Soak:
         """Draw everything random for one job under the lock; return the function that sends it."""
         rng = self.rng
         if kind == "short":
-            ids, n = self._prompt(24, 400), rng.randint(4, 32)
-            return lambda: self._greedy(ids, n, check=check, ignore_eos=rng.random() < 0.3)
+            ids, n, ignore_eos = self._prompt(24, 400), rng.randint(4, 32), rng.random() < 0.3
+            return lambda: self._greedy(ids, n, check=check, ignore_eos=ignore_eos)
         if kind == "long_shared":
             doc = rng.choice(self.shared)
             ids = doc + self._words(rng.randint(4, 40)) + self.question
