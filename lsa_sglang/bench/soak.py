@@ -485,8 +485,9 @@ class Soak:
             rep.solo_checked += 1
             if alone != tokens:
                 params = {k: v for k, v in body["sampling_params"].items() if k != "json_schema"}
+                first = next((i for i, (a, b) in enumerate(zip(tokens, alone)) if a != b), min(len(tokens), len(alone)))
                 rep.solo_mismatches.append({"prompt_tokens": len(body["input_ids"]), "params": params,
-                                            "under_load": tokens, "alone": alone})
+                                            "first_difference": first, "under_load": tokens, "alone": alone})
 
     def _sample(self, rep: Report, stop: threading.Event) -> None:
         t0 = time.monotonic()
@@ -546,6 +547,8 @@ def format_report(rep: dict[str, Any]) -> str:
         lines.append(f"  {kind:28s} {n}")
     for f in rep["failure_detail"][:10]:
         lines.append(f"  FAIL {f['kind']}: {f['detail'][:200]}")
+    for m in rep["solo_mismatch_detail"][:10]:
+        lines.append(f"  DIFFERS ALONE at token {m['first_difference']}: {m['prompt_tokens']}-token prompt, {m['params']}")
     for leak in rep["leaked_detail"]:
         lines.append(f"  LEAK {leak}")
     return "\n".join(lines)
