@@ -10,6 +10,7 @@ ends the scheduler and detokenizer children too; one server at a time, always st
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,7 +38,23 @@ def default_preset() -> Path | None:
     return p if p.is_file() else None
 
 
-def free_port() -> int:
+def free_port(low: int = 10000, high: int = 21999) -> int:
+    """A free port for a server that binds it only later, taken below the kernel's ephemeral
+    range: a port from that range can be handed meanwhile to any outgoing connection or bind(0)
+    (the server's own gloo and ZMQ sockets among them), and SGLang's warmup then talks to that
+    socket instead of its HTTP server and gives up. SGLang picks its internal ports from 22000 up."""
+    try:
+        ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    high = min(high, ephemeral_low - 1)
+    for port in random.sample(range(low, high + 1), min(64, max(high - low + 1, 0))):
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -8,7 +8,6 @@ Both log to files under the session's tmp dir so tests can read what the schedul
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,15 +17,11 @@ from pathlib import Path
 import pytest
 import requests
 
+from lsa_sglang.bench.servers import free_port
+
 ROOT = Path(__file__).parents[2]
 PRESET = Path(__file__).parent / "lsa-test.yaml"
 START_TIMEOUT_S = 420
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -45,7 +40,7 @@ class Server:
 
 
 def start_server(cmd: list[str], log: Path, env: dict | None = None) -> Server:
-    port = _free_port()
+    port = free_port()
     cmd = cmd + ["--host", "127.0.0.1", "--port", str(port), "--log-level", "info"]
     full_env = dict(os.environ, SGLANG_USE_CPU_ENGINE="1", **(env or {}))
     fh = open(log, "w")

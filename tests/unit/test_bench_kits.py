@@ -60,3 +60,24 @@ def test_selection_is_checked_before_any_server_is_asked():
         K.run_kits("http://127.0.0.1:9", ["nope"])
     with pytest.raises(ValueError, match="kit 'abort_all' has no test 'test_x'; it has test_abort_all"):
         K.run_kits("http://127.0.0.1:9", ["abort_all.test_x"])
+
+
+def test_server_port_is_free_and_below_the_ephemeral_range():
+    """A server binds its port only after it starts; a port from the ephemeral range can meanwhile
+    go to one of its own outgoing or bind(0) sockets, so the harness never picks one there."""
+    import socket
+    from pathlib import Path
+
+    from lsa_sglang.bench.servers import free_port
+
+    ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", free_port()))
+        held.listen()
+        taken = held.getsockname()[1]
+        ports = {free_port() for _ in range(50)}
+    assert taken < ephemeral_low and all(p < ephemeral_low for p in ports)
+    assert taken not in ports
+    for port in ports:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
