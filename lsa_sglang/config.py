@@ -27,6 +27,7 @@ KERNELS = ("auto", "torch", "triton", "flashinfer")
 MAX_COUNT = 2**31 - 1
 MAX_SEED = 2**32 - 1
 MAX_HOST_POOL_GB = float(2**20)  # 1 PiB
+ATTENTION_MAX_ROWS = 64  # prompt rows whose queries the prefill keeps for the `attention` policy
 _SHOW_LIMIT = 60
 _FLAG_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
@@ -88,6 +89,8 @@ class LSAConfig:
     host_pool_gb: float = 4.0
     indexer_checkpoint: str | None = None
     policy: str = "indexer"
+    attention_rows: int = 1  # `attention` policy: last prompt tokens whose attention picks window 0
+    attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -149,6 +152,8 @@ class LSAConfig:
         if ckpt is not None and (not isinstance(ckpt, str) or not ckpt or "\0" in ckpt):
             raise bad("indexer_checkpoint", "null or a path to a checkpoint")
         need_choice("policy", POLICIES)
+        need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
+        need_bool("attention_per_head")
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)

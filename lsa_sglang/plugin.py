@@ -5,7 +5,8 @@ detokenizer). It registers:
 - the `lsa` attention backend (lsa_sglang.attention.backend),
 - the `lsa` radix cache backend (lsa_sglang.memory.radix),
 - hooks: per-request overrides (checked where SGLang checks sampling params, and again when
-  the scheduler builds the `Req`) and a refusal of prompts the host mirror can never hold when a
+  the scheduler builds the `Req`), the prefix match of an `attention`-policy prompt stopping
+  short of the rows window 0 reads, and a refusal of prompts the host mirror can never hold when a
   `Req` is built, host-mirror admission control in the prefill adder, LSA stats in the
   scheduler's internal state, and capacity: the prefill adder reserves for a running LSA row
   what LSA will really hold (`LSAMemoryManager.decode_need_tokens`, not its remaining
@@ -26,7 +27,8 @@ logger = logging.getLogger(__name__)
 
 BACKEND_NAME = "lsa"
 OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_budget, threshold, enabled}
-OVERRIDABLE = ("policy", "page_budget", "threshold", "enabled", "min_pages", "needle_fallback")
+OVERRIDABLE = ("policy", "page_budget", "threshold", "enabled", "min_pages", "needle_fallback", "attention_rows",
+               "attention_per_head")
 _registered = False
 
 
@@ -77,6 +79,9 @@ def register() -> None:
     )
     HookRegistry.register(
         "sglang.srt.sampling.sampling_params.SamplingParams.verify", _after_sampling_verify, HookType.AFTER
+    )
+    HookRegistry.register(
+        "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _after_max_prefix_len, HookType.AFTER
     )
     if multiprocessing.current_process().name == "MainProcess":
         _add_http_routes()
@@ -172,6 +177,19 @@ def _after_req_init(result, req, *args, **kwargs):
                 f"({need * m.page_bytes / 2**30:.2f} GiB); host_pool_gb allows {m.host.capacity} "
                 f"({m.host.capacity * m.page_bytes / 2**30:.2f} GiB)"
             )
+    return result
+
+
+def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
+    """Under the `attention` policy window 0 reads the queries of the prompt's last
+    `attention_rows` tokens, which only a prefill computes: the prefix cache may serve every
+    token but those, so a prompt found in the cache is scored exactly like a cold one."""
+    m = _manager()
+    if m is None:
+        return result
+    config = m.config.replace(**m.overrides.get(req.rid, {}))
+    if config.enabled and config.policy == "attention" and config.attention_rows > 1:
+        return max(min(result, input_len - config.attention_rows), 0)
     return result
 
 

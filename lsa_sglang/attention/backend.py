@@ -18,7 +18,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-from lsa_sglang.config import LSAConfig
+from lsa_sglang.config import ATTENTION_MAX_ROWS, LSAConfig
 from lsa_sglang.kernels import DecodePlan, as_pages, resident_mask_from_sets, sparse_decode
 
 logger = logging.getLogger(__name__)
@@ -59,9 +59,14 @@ class LSAAttnBackend(TorchNativeAttnBackend):
                 self._plan(forward_batch, tables, idxs, seq_lens)
             capture.expect(idxs, list(range(len(idxs))))
         elif mode.is_extend():
+            lens = forward_batch.extend_seq_lens.tolist()
             ends = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
             capture.expect(idxs, ends.tolist())
-            self._extend_rows = (idxs, ends)
+            # the last prompt rows' queries (window 0 of the `attention` policy)
+            counts = [min(n, ATTENTION_MAX_ROWS) for n in lens]
+            rows = torch.cat([torch.arange(e - c + 1, e + 1) for e, c in zip(ends.tolist(), counts)])
+            rids = forward_batch.rids or [str(i) for i in idxs]
+            self._extend_rows = (idxs, rids, rows, counts)
 
     def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
         """Once per forward: what each request reads (CSR pages for kernels, else token slots)."""
@@ -110,10 +115,10 @@ class LSAAttnBackend(TorchNativeAttnBackend):
     # -- prefill -------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if self._extend_rows is not None and not layer.is_cross_attention:
-            # the last prompt token's query at every layer: window 0 of the `attention` policy
-            idxs, rows = self._extend_rows
+            idxs, rids, rows, counts = self._extend_rows
             self.manager.capture.record_queries(
-                layer.layer_id, q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), idxs, rows, layer.scaling
+                layer.layer_id, q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), idxs, rids, rows, counts,
+                layer.scaling,
             )
         return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
 

@@ -23,12 +23,17 @@ from lsa_sglang.bench.tasks import Sample
 from lsa_sglang.config import POLICIES
 
 # method name -> the LSA overrides it adds to its policy (A/B of one setting)
-VARIANTS = {"indexer-nofallback": ("indexer", {"needle_fallback": False})}
+VARIANTS = {
+    "indexer-nofallback": ("indexer", {"needle_fallback": False}),
+    "attention-rows": ("attention", {"attention_rows": 64}),
+    "attention-heads": ("attention", {"attention_per_head": True}),
+    "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str  # stock | dense | a policy | a VARIANTS key | server (accuracy against a URL)
+    name: str  # stock | dense | lsa | a policy | a VARIANTS key | server (accuracy against a URL)
     server: str  # "stock" or "lsa": which server answers
     lsa: dict[str, Any] | None = None  # custom_params["lsa"]
     budget: int | None = None
@@ -46,6 +51,8 @@ def build_methods(names: Sequence[str], budgets: Sequence[int | None]) -> list[M
             out.append(Method("stock", "stock"))
         elif name == "dense":
             out.append(Method("dense", "lsa", {"enabled": False}))
+        elif name == "lsa":  # the server's preset exactly as served, no override
+            out.append(Method("lsa", "lsa"))
         elif name in POLICIES or name in VARIANTS:
             policy, extra = VARIANTS.get(name, (name, {}))
             for b in budgets:
@@ -54,7 +61,7 @@ def build_methods(names: Sequence[str], budgets: Sequence[int | None]) -> list[M
                     over["page_budget"] = b
                 out.append(Method(name, "lsa", over, b))
         else:
-            raise ValueError(f"unknown method {name!r}; known: stock, dense, {', '.join(POLICIES + tuple(VARIANTS))}")
+            raise ValueError(f"unknown method {name!r}; known: stock, dense, lsa, {', '.join(POLICIES + tuple(VARIANTS))}")
     return out
 
 

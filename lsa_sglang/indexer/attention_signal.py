@@ -1,54 +1,79 @@
 """Window 0 from what the dense prefill already knows: the backbone's own attention.
 
 At admission every chunk of the prompt is still on the device, and the prefill computed the
-query of the last prompt token at every layer. Its exact attention, pooled per chunk, is what
-the model reads first. A few heads at a few layers retrieve, while most attend locally, so the
-layers are not summed: each layer's chunk mass (summed over its heads) is renormalised over the
-candidate chunks (sink and recency tail excluded, they are resident anyway) and a chunk scores
-the largest share any layer gives it. No metadata is kept: the queries are dropped after use.
+queries of the last prompt tokens at every layer. Their exact attention, pooled per chunk, is
+what the model reads first. A few heads at a few layers retrieve, while most attend locally, so
+the layers are not summed: each layer's chunk mass (summed over its heads, or per head with
+`per_head`) is renormalised over the candidate chunks (sink and recency tail excluded, they are
+resident anyway) and a chunk scores the largest share any layer (or head) gives it. With several
+query rows (the last `attention_rows` prompt tokens, each under its causal mask) their masses add
+up first, so a question whose words point at several facts keeps all of them. No metadata is
+kept: the queries are dropped after use.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
+_BLOCK_ELEMENTS = 1 << 25  # logits per block of query rows (128 MiB in fp32)
 
-def layer_chunk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, n_chunks: int, chunk_size: int) -> torch.Tensor:
-    """Attention mass per chunk of one layer: ``q [H, D]`` (post-RoPE) over ``k [T, Hk, D]``,
-    softmax over all T tokens per head, summed over heads, tokens pooled per complete chunk.
-    Returns ``[n_chunks]`` float32 (GQA: head h reads KV head h // (H // Hk))."""
-    heads, dim = q.shape
-    kv_heads = k.shape[1]
+
+def layer_chunk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, n_chunks: int, chunk_size: int,
+                     per_head: bool = False) -> torch.Tensor:
+    """Attention mass per chunk of one layer: ``q [H, D]`` or ``[R, H, D]`` (post-RoPE, the last R
+    tokens of the keys' sequence, row r at position ``T - R + r``) over ``k [T, Hk, D]``, softmax
+    over the tokens each row sees, summed over rows and (unless `per_head`) heads, tokens pooled
+    per complete chunk. Returns ``[n_chunks]`` or ``[H, n_chunks]`` float32 (GQA: head h reads KV
+    head h // (H // Hk))."""
+    if q.dim() == 2:
+        q = q[None]
+    rows, heads, dim = q.shape
+    t, kv_heads = k.shape[0], k.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads do not group over {kv_heads} KV heads")
-    if n_chunks * chunk_size > k.shape[0]:
-        raise ValueError(f"{n_chunks} chunks of {chunk_size} need {n_chunks * chunk_size} keys, got {k.shape[0]}")
-    qg = q.float().view(kv_heads, heads // kv_heads, dim)
-    logits = torch.einsum("kgd,tkd->kgt", qg, k.float()) * scale
-    per_token = torch.softmax(logits, dim=-1).sum(dim=(0, 1))  # [T]
-    return per_token[: n_chunks * chunk_size].view(n_chunks, chunk_size).sum(dim=1)
+    if n_chunks * chunk_size > t:
+        raise ValueError(f"{n_chunks} chunks of {chunk_size} need {n_chunks * chunk_size} keys, got {t}")
+    if rows > t:
+        raise ValueError(f"{rows} query rows need at least as many keys, got {t}")
+    qg = q.float().view(rows, kv_heads, heads // kv_heads, dim)
+    kf = k.float()
+    pos = torch.arange(t, device=k.device)
+    per_token = torch.zeros(heads, t, dtype=torch.float32, device=k.device)
+    step = max(1, _BLOCK_ELEMENTS // (heads * t))  # rows per block: bounded logits at long contexts
+    for r0 in range(0, rows, step):
+        logits = torch.einsum("rkgd,tkd->kgrt", qg[r0 : r0 + step], kf) * scale
+        if rows > 1:  # row r sees keys up to its own position T - R + r
+            last = torch.arange(t - rows + r0, t - rows + r0 + logits.shape[2], device=k.device)
+            logits = logits.masked_fill(pos[None, :] > last[:, None], float("-inf"))
+        per_token += torch.softmax(logits, dim=-1).sum(dim=2).reshape(heads, t)
+    mass = per_token[:, : n_chunks * chunk_size].reshape(heads, n_chunks, chunk_size).sum(dim=2)
+    return mass if per_head else mass.sum(dim=0)
 
 
 def attention_scores(
     queries: Sequence[torch.Tensor],
-    keys: Sequence[torch.Tensor],
+    keys: Iterable[torch.Tensor],
     scales: Sequence[float],
     n_chunks: int,
     chunk_size: int,
     candidates: tuple[int, int],
+    per_head: bool = False,
 ) -> torch.Tensor:
-    """Chunk scores ``[n_chunks]`` on the CPU: per layer the chunk mass renormalised over the
-    candidate range ``[lo, hi)``, then the max over layers; chunks outside the range score 0."""
+    """Chunk scores ``[n_chunks]`` on the CPU: per layer (or per head) the chunk mass renormalised
+    over the candidate range ``[lo, hi)``, then the max over layers (and heads); chunks outside
+    the range score 0. `keys` may be a generator: one layer's keys are gathered at a time."""
     lo, hi = candidates
     scores = torch.zeros(n_chunks, dtype=torch.float32)
     if hi <= lo:
         return scores
     best = None
     for q, k, scale in zip(queries, keys, scales):
-        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size)[lo:hi]
-        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
+        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, per_head)[..., lo:hi]
+        share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
+        if per_head:
+            share = share.max(dim=0).values
         best = share if best is None else torch.maximum(best, share)
     if best is not None:
         scores[lo:hi] = best.cpu()

@@ -359,15 +359,18 @@ class LSAMemoryManager:
         return set(sel.resident.tolist())
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
-        """Window 0: the last prompt token's attention at every layer (`indexer.attention_signal`),
-        over the prompt's keys, all still on the device at admission."""
+        """Window 0: the last prompt tokens' attention at every layer (`indexer.attention_signal`),
+        over the prompt's keys, all still on the device at admission (as many of the last
+        `attention_rows` tokens as the prompt's final prefill computed)."""
         slots = self.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
         layers = sorted(queries)
         lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
+        rows = table.config.attention_rows
         with torch.no_grad():
             return attention_scores(
-                [queries[l][0] for l in layers], [self.k_buffers[l].index_select(0, slots) for l in layers],
+                [queries[l][0][-rows:] for l in layers], (self.k_buffers[l].index_select(0, slots) for l in layers),
                 [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
+                per_head=table.config.attention_per_head,
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lsa_sglang.config import ATTENTION_MAX_ROWS
+
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
@@ -57,6 +59,7 @@ class HiddenCapture:
         self._last: dict[int, torch.Tensor] = {}  # req_pool_idx -> [L, d]
         self._pending_rows: tuple[list[int], list[int]] | None = None
         self._queries: dict[int, dict[int, tuple[torch.Tensor, float]]] = {}  # idx -> layer -> (q, scale)
+        self._query_owner: dict[int, str] = {}  # idx -> rid whose prefill the rows come from
         mods = attention_modules(model)
         self._handles = [
             mods[layer].register_forward_pre_hook(self._hook(pos), with_kwargs=True)
@@ -89,19 +92,29 @@ class HiddenCapture:
     def last_hidden(self, idx: int) -> torch.Tensor | None:
         return self._last.get(idx)
 
-    def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], last_rows: torch.Tensor,
-                       scale: float) -> None:
-        """Prefill: each request's last-token query ``[H, D]`` (post-RoPE) at `layer`; the
-        attention backend calls this from every layer's extend (`last_rows`: one index per request,
-        made once per forward)."""
-        rows = q.index_select(0, last_rows.to(q.device)).detach()
-        for i, idx in enumerate(req_pool_indices):
-            self._queries.setdefault(idx, {})[layer] = (rows[i], scale)
+    def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], rids: list[str],
+                       rows: torch.Tensor, counts: list[int], scale: float) -> None:
+        """Prefill: each request's last prompt-token queries ``[R, H, D]`` (post-RoPE, R <=
+        ATTENTION_MAX_ROWS) at `layer`; the attention backend calls this from every layer's extend
+        (`rows`: the extend rows of all requests in order, `counts` of them per request, made once
+        per forward). The chunks of a chunked prefill are contiguous, so rows carry over from one
+        to the next: the last rows of a prompt are kept however its prefill was split."""
+        picked = q.index_select(0, rows.to(q.device)).detach()
+        for idx, rid, part in zip(req_pool_indices, rids, picked.split(counts)):
+            if self._query_owner.get(idx) != rid:
+                self._query_owner[idx] = rid
+                self._queries.pop(idx, None)
+            held = self._queries.setdefault(idx, {})
+            if layer in held and part.shape[0] < ATTENTION_MAX_ROWS:
+                part = torch.cat([held[layer][0], part])[-ATTENTION_MAX_ROWS:]
+            held[layer] = (part, scale)
 
     def take_queries(self, idx: int) -> dict[int, tuple[torch.Tensor, float]] | None:
         """The last prefill's per-layer queries of a request, handed over once."""
+        self._query_owner.pop(idx, None)
         return self._queries.pop(idx, None)
 
     def forget(self, idx: int) -> None:
         self._last.pop(idx, None)
         self._queries.pop(idx, None)
+        self._query_owner.pop(idx, None)

@@ -58,6 +58,18 @@ def test_cached_prompt_answers_like_cold(server, baseline):
     assert req["prefix_hit_tokens"] == cached(warm) and req["peak_device_kv_bytes"] < 0.5 * req["full_kv_bytes"]
 
 
+def test_attention_rows_are_prefilled_for_a_cached_prompt_too(server):
+    """Window 0 under `attention_rows` reads the queries of the prompt's last rows, which only a
+    prefill computes: the cache serves the prompt up to those rows, and the answer is the cold one."""
+    ids = haystack_ids(server, 2000, seed=39)
+    lsa = {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
+    cold = greedy(server, ids, n=24, lsa=lsa)
+    warm = greedy(server, ids, n=24, lsa=lsa)
+    assert cached(cold) == 0 and len(ids) - 64 - 64 <= cached(warm) <= len(ids) - 64
+    assert warm["output_ids"] == cold["output_ids"]
+    assert cached(greedy(server, ids, n=2)) >= len(ids) - 64  # the indexer policy still takes it all
+
+
 def test_chat_turns_reuse_previous_turns(server):
     doc = haystack_ids(server, 1500, seed=32)
     q = lambda text: requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]  # noqa: E731

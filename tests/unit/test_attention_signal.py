@@ -75,3 +75,76 @@ def test_empty_candidate_range_scores_nothing():
 def test_mismatched_heads_are_refused():
     with pytest.raises(ValueError, match="do not group"):
         layer_chunk_mass(torch.randn(5, 4), torch.randn(8, 2, 4), 1.0, 2, 4)
+
+
+def test_rows_are_causal_and_add_up(monkeypatch):
+    """Row r of R sits at position T - R + r: it does not see later keys, and the rows' masses
+    add up (each row's softmax sums to one per head)."""
+    g = torch.Generator().manual_seed(3)
+    cs, n, d, heads, rows = 4, 6, 8, 2, 3
+    t = n * cs + 2  # a partial chunk at the end, its mass not counted
+    k = torch.randn(t, 1, d, generator=g)
+    q = torch.randn(rows, heads, d, generator=g)
+    want = torch.zeros(t, dtype=torch.float64)
+    for r in range(rows):
+        seen = t - rows + r + 1
+        for h in range(heads):
+            lg = (k[:seen, 0].double() @ q[r, h].double()) * 0.5
+            want[:seen] += torch.softmax(lg, 0)
+    got = layer_chunk_mass(q, k, 0.5, n, cs)
+    torch.testing.assert_close(got.double(), want[: n * cs].view(n, cs).sum(1), rtol=1e-5, atol=1e-6)
+    per_head = layer_chunk_mass(q, k, 0.5, n, cs, per_head=True)
+    assert per_head.shape == (heads, n)
+    torch.testing.assert_close(per_head.sum(0), got)
+    import lsa_sglang.indexer.attention_signal as signal
+
+    monkeypatch.setattr(signal, "_BLOCK_ELEMENTS", heads * t)  # one row per block: same masses
+    torch.testing.assert_close(layer_chunk_mass(q, k, 0.5, n, cs), got)
+
+
+def test_per_head_share_keeps_a_head_that_its_layer_drowns():
+    """Head 0 spreads over chunk 2 with most of its mass; head 1 puts all of its (smaller share
+    of the layer's candidate mass) on chunk 4. Per layer chunk 2 wins; per head both heads get
+    their own share, and chunk 4 is head 1's whole share."""
+    cs, n = 4, 6
+    k = torch.zeros(n * cs, 2, 1)
+    k[:, 0, 0] = -4.0
+    k[2 * cs : 3 * cs, 0, 0] = 4.0
+    k[:, 1, 0] = -4.0
+    k[4 * cs, 1, 0] = 4.0
+    k[5 * cs :, :, 0] = 5.0  # a tail both heads look at (not a candidate)
+    q = torch.ones(2, 1)
+    per_layer = attention_scores([q], [k], [1.0], n, cs, (1, 5))
+    per_head = attention_scores([q], [k], [1.0], n, cs, (1, 5), per_head=True)
+    assert int(torch.argmax(per_layer)) == 2 and per_layer[4] < 0.5
+    assert per_head[2] > 0.99 and per_head[4] > 0.99
+
+
+def _capture():
+    from torch import nn
+
+    from lsa_sglang.models.adapter import HiddenCapture
+
+    layer = nn.Module()
+    layer.self_attn = nn.Identity()
+    model = nn.Module()
+    model.model = nn.Module()
+    model.model.layers = nn.ModuleList([layer])
+    return HiddenCapture(model, (0,))
+
+
+def test_query_rows_carry_over_a_chunked_prefill_and_never_across_requests():
+    from lsa_sglang.config import ATTENTION_MAX_ROWS as cap
+
+    capture = _capture()
+    q = torch.arange(200.0).view(200, 1, 1)  # row i's query is i
+    # request a on pool row 3, prefilled in two chunks of 150 and 50 tokens, beside request b
+    capture.record_queries(0, q[:150], [3], ["a"], torch.arange(150 - cap, 150), [cap], 0.5)
+    capture.record_queries(0, q[150:200], [3], ["a"], torch.arange(0, 50), [50], 0.5)
+    rows, scale = capture.take_queries(3)[0]
+    assert scale == 0.5 and rows.flatten().tolist() == [float(i) for i in range(200 - cap, 200)]
+    assert capture.take_queries(3) is None  # handed over once
+    # a new request on the same pool row starts from nothing, whatever the last one left
+    capture.record_queries(0, q[:10], [3], ["a"], torch.arange(0, 10), [10], 0.5)
+    capture.record_queries(0, q[:4], [3], ["b"], torch.arange(0, 4), [4], 0.5)
+    assert capture.take_queries(3)[0][0].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]

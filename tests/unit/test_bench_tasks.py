@@ -264,6 +264,9 @@ def test_methods_summary_and_table():
         build_methods(["best"], [None])
     (nofb,) = build_methods(["indexer-nofallback"], [4])
     assert nofb.lsa == {"policy": "indexer", "needle_fallback": False, "page_budget": 4}
+    served, rows = build_methods(["lsa", "attention-rows-heads"], [None])
+    assert served.lsa is None and served.label == "lsa"  # the preset as served: no override at all
+    assert rows.lsa == {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
     recs = [
         {"method": "indexer@4", "policy": "indexer", "budget": 4, "length": 1024, "task": t, "score": sc,
          "all_found": sc == 1.0, "kv_ratio": kv}

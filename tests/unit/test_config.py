@@ -21,6 +21,8 @@ BAD_VALUES = {
     "host_pool_gb": [0, -1, "4", None, True, float("inf"), float("nan"), 2e6],
     "indexer_checkpoint": [3, ["a"], "", "a\0b"],
     "policy": ["oracle", "", None],
+    "attention_rows": [0, 65, 1.5, "8", None, True],
+    "attention_per_head": ["yes", 1, None],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
     "seed": [-1, 1.5, 2**32, 2**64 - 1],

@@ -117,6 +117,8 @@ RULES = {
     "host_pool_gb": lambda v: _finite(v) and 0 < v <= 2**20,
     "indexer_checkpoint": lambda v: v is None or (isinstance(v, str) and v != "" and "\0" not in v),
     "policy": lambda v: _in(v, POLICIES),
+    "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
+    "attention_per_head": lambda v: isinstance(v, bool),
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,
