@@ -93,7 +93,9 @@ def candidate_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
 def _check_scores(scores: torch.Tensor | None, n_chunks: int, policy: str) -> torch.Tensor:
     if scores is None:
         raise ValueError(f"policy {policy!r} needs scores for the {n_chunks} chunks")
-    s = torch.as_tensor(scores).detach().to("cpu", torch.float32).reshape(-1)
+    # float64: sigmoid scores of confident chunks differ by less than float32 resolves near 1.0,
+    # and a selection decided by rounding changes with the batch a request ran in
+    s = torch.as_tensor(scores).detach().to("cpu", torch.float64).reshape(-1)
     if s.numel() != n_chunks:
         raise ValueError(f"expected {n_chunks} scores, got {s.numel()}")
     return torch.nan_to_num(s, nan=float("-inf"))  # a NaN score never wins a page
@@ -161,7 +163,7 @@ def select_chunks(
         keep = torch.randperm(n_pages, generator=gen)[:budget]
     else:
         cs = s[lo:hi]
-        page_max = torch.full((n_pages,), float("-inf")).scatter_reduce(0, local, cs, reduce="amax")
+        page_max = torch.full((n_pages,), float("-inf"), dtype=cs.dtype).scatter_reduce(0, local, cs, reduce="amax")
         recency = torch.arange(n_pages, dtype=torch.float32)
         fallback = bool(widen and params.needle_fallback and params.policy == "indexer")
         if params.policy in ("quest", "attention") or fallback:

@@ -388,14 +388,14 @@ class LSAMemoryManager:
                 ])
                 scores = per_layer.max(dim=0).values
             else:
-                probs = torch.sigmoid(logits)
+                probs = torch.sigmoid(logits.double())  # float32 rounds confident chunks to ties
                 scores = probs.max(0).values if table.config.ensemble == "max" else probs.mean(0)
             # Proxy for the attention mass on the recency tail: softmax of the layer-mean
             # logits over chunks, mass of the last `recent_chunks`.
             mass = torch.softmax(logits.mean(0), 0)
             rc = table.config.recent_chunks
             tail_mass = float(mass[-rc:].sum()) if rc > 0 else 0.0
-        return scores.float().cpu(), min(max(tail_mass, 0.0), 1.0)
+        return scores.cpu(), min(max(tail_mass, 0.0), 1.0)
 
     @property
     def indexer_dtype(self) -> torch.dtype:

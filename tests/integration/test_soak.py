@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def soak(lsa_server):
     start = len(lsa_server.log_text())
-    rep = Soak(lsa_server.url, n_requests=120, concurrency=10, seed=1, abort_all_every=60, solo_fraction=0.25,
+    rep = Soak(lsa_server.url, n_requests=120, concurrency=10, seed=1, abort_all_every=60, solo_fraction=0.4,
                shared_docs=1, mix=dict(MIX, long_cold=1, long_shared=6)).run().to_dict()
     return rep, lsa_server.log_text()[start:]
 

@@ -73,6 +73,16 @@ def test_ties_break_by_max_score_then_recency() -> None:
     assert ids(sel.picked) == list(range(20, 24))
 
 
+def test_confident_scores_rank_beyond_float32_resolution() -> None:
+    """Sigmoids of logits 19 and 18 both round to 1.0 in float32, so a float32 selector would
+    break the tie by recency (page 7); their order is the indexer's: page 2."""
+    logits = torch.full((N,), -3.0, dtype=torch.float64)
+    logits[8], logits[28] = 19.0, 18.0
+    assert torch.sigmoid(logits).float()[8] == torch.sigmoid(logits).float()[28] == 1.0
+    sel = select_chunks(N, params(page_budget=1), torch.sigmoid(logits))
+    assert ids(sel.picked) == list(range(8, 12))
+
+
 def test_min_pages_top_up_by_max_score() -> None:
     s = torch.full((N,), 0.1)
     s[13] = 0.9  # the only dense page: 3
