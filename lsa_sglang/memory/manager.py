@@ -62,6 +62,7 @@ class RequestStats:
     peak_device_kv_bytes: int = 0
     full_kv_bytes: int = 0
     host_kv_bytes: int = 0
+    selection_metadata_bytes: int = 0  # part of device_kv_bytes
     resident_ratio: float = 1.0
     windows: int = 0
     chunks_copied: int = 0
@@ -139,6 +140,9 @@ class LSAMemoryManager:
         self.capture = capture  # models.adapter.HiddenCapture
         self.indexer = indexer
         self.target_layers = list(capture.layers)
+        # selection metadata on the device: mean, min and max key of each mirrored chunk at the
+        # target layers (float32), counted in a request's device bytes
+        self.meta_bytes = 3 * len(self.target_layers) * hk * dh * 4
         self.prefetcher = Prefetcher()
         self.tables: dict[int, ChunkTable] = {}
         self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
@@ -565,9 +569,10 @@ class LSAMemoryManager:
         else:
             pending = len(table.pending.new_pages) if table.pending else 0
             device_pages = len(table.resident) + (total_pages - table.mirrored) + pending
-        st.device_kv_bytes = device_pages * self.page_bytes
+        st.selection_metadata_bytes = table.mirrored * self.meta_bytes if table.config.enabled else 0
+        st.device_kv_bytes = device_pages * self.page_bytes + st.selection_metadata_bytes
         st.peak_device_kv_bytes = max(st.peak_device_kv_bytes, st.device_kv_bytes)
-        st.resident_ratio = device_pages / max(total_pages, 1)
+        st.resident_ratio = st.device_kv_bytes / max(st.full_kv_bytes, 1)
         self.server["peak_device_kv_bytes"] = max(
             self.server["peak_device_kv_bytes"],
             sum(t.stats.device_kv_bytes for t in self.tables.values()),
@@ -741,6 +746,7 @@ class LSAMemoryManager:
         server = dict(self.server)
         server.update(
             device_kv_bytes=sum(r["device_kv_bytes"] for r in running),
+            selection_metadata_bytes=sum(r["selection_metadata_bytes"] for r in running),
             full_kv_bytes=sum(r["full_kv_bytes"] for r in running),
             host_kv_bytes=self.host.used_slots * self.page_bytes,
             host_cached_bytes=self.host.cached_slots * self.page_bytes,

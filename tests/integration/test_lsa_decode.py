@@ -105,6 +105,13 @@ def test_footprint_at_7k_and_finite_outputs(lsa_server, baseline):
     assert req["windows"] >= 3
     ratio = req["peak_device_kv_bytes"] / req["full_kv_bytes"]
     assert ratio <= 0.15, req
+    # the selection metadata (3 keys per mirrored chunk at 3 target layers of SmolLM2: 3 KV heads
+    # of 64 dims, float32) is part of the device bytes
+    chunk = stats(lsa_server)["server"]["chunk_bytes"]
+    per_chunk = 3 * 3 * 3 * 64 * 4
+    mirrored, rest = divmod(req["selection_metadata_bytes"], per_chunk)
+    assert rest == 0 and 7000 // 64 <= mirrored <= (7000 + req["output_tokens"]) // 64, req
+    assert (req["device_kv_bytes"] - req["selection_metadata_bytes"]) % chunk == 0
     assert req["host_kv_bytes"] >= 0.95 * req["full_kv_bytes"]  # the full KV is on the host
     assert_no_request_content(lsa_server, ids, ["secret", "Remember", "Question"])
 
