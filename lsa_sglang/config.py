@@ -88,7 +88,7 @@ class LSAConfig:
     min_pages: int = 0
     host_pool_gb: float = 4.0
     indexer_checkpoint: str | None = None
-    policy: str = "indexer"
+    policy: str = "attention"
     attention_rows: int = 1  # `attention` policy: last prompt tokens whose attention picks window 0
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     needle_fallback: bool = True

@@ -185,12 +185,8 @@ def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
     `attention_rows` tokens, which only a prefill computes: the prefix cache may serve every
     token but those, so a prompt found in the cache is scored exactly like a cold one."""
     m = _manager()
-    if m is None:
-        return result
-    config = m.config.replace(**m.overrides.get(req.rid, {}))
-    if config.enabled and config.policy == "attention" and config.attention_rows > 1:
-        return max(min(result, input_len - config.attention_rows), 0)
-    return result
+    rows = 0 if m is None else m.query_rows(req.rid)
+    return max(min(result, input_len - rows), 0) if rows > 1 else result
 
 
 def _around_add_one_req(original, adder, req, *args, **kwargs):

@@ -18,7 +18,7 @@ from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBack
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 from torch.nn.functional import scaled_dot_product_attention
 
-from lsa_sglang.config import ATTENTION_MAX_ROWS, LSAConfig
+from lsa_sglang.config import LSAConfig
 from lsa_sglang.kernels import DecodePlan, as_pages, resident_mask_from_sets, sparse_decode
 
 logger = logging.getLogger(__name__)
@@ -63,10 +63,12 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             ends = torch.cumsum(forward_batch.extend_seq_lens, 0) - 1
             capture.expect(idxs, ends.tolist())
             # the last prompt rows' queries (window 0 of the `attention` policy)
-            counts = [min(n, ATTENTION_MAX_ROWS) for n in lens]
-            rows = torch.cat([torch.arange(e - c + 1, e + 1) for e, c in zip(ends.tolist(), counts)])
             rids = forward_batch.rids or [str(i) for i in idxs]
-            self._extend_rows = (idxs, rids, rows, counts)
+            wants = [self.manager.query_rows(rid) for rid in rids]
+            if any(wants):
+                counts = [min(n, w) for n, w in zip(lens, wants)]
+                rows = torch.cat([torch.arange(e - c + 1, e + 1) for e, c in zip(ends.tolist(), counts)])
+                self._extend_rows = (idxs, rids, rows, counts, wants)
 
     def _plan(self, forward_batch, tables, idxs, seq_lens) -> None:
         """Once per forward: what each request reads (CSR pages for kernels, else token slots)."""
@@ -115,10 +117,8 @@ class LSAAttnBackend(TorchNativeAttnBackend):
     # -- prefill -------------------------------------------------------------------------
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True):
         if self._extend_rows is not None and not layer.is_cross_attention:
-            idxs, rids, rows, counts = self._extend_rows
             self.manager.capture.record_queries(
-                layer.layer_id, q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), idxs, rids, rows, counts,
-                layer.scaling,
+                layer.layer_id, q.view(-1, layer.tp_q_head_num, layer.qk_head_dim), *self._extend_rows, layer.scaling
             )
         return super().forward_extend(q, k, v, layer, forward_batch, save_kv_cache)
 

@@ -193,6 +193,11 @@ class LSAMemoryManager:
         over = self.overrides.get(rid)
         return self.config.replace(**over) if over else self.config
 
+    def query_rows(self, rid: str) -> int:
+        """Prompt rows whose queries window 0 reads (0: the request's policy reads none)."""
+        config = self._config_for(rid)
+        return config.attention_rows if config.enabled and config.policy == "attention" else 0
+
     # -- admission -------------------------------------------------------------------------
     def host_chunks_needed(self, prompt_tokens: int) -> int:
         return prompt_tokens // self.cs + 1

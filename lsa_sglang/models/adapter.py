@@ -12,8 +12,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lsa_sglang.config import ATTENTION_MAX_ROWS
-
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 
@@ -93,20 +91,22 @@ class HiddenCapture:
         return self._last.get(idx)
 
     def record_queries(self, layer: int, q: torch.Tensor, req_pool_indices: list[int], rids: list[str],
-                       rows: torch.Tensor, counts: list[int], scale: float) -> None:
-        """Prefill: each request's last prompt-token queries ``[R, H, D]`` (post-RoPE, R <=
-        ATTENTION_MAX_ROWS) at `layer`; the attention backend calls this from every layer's extend
-        (`rows`: the extend rows of all requests in order, `counts` of them per request, made once
-        per forward). The chunks of a chunked prefill are contiguous, so rows carry over from one
-        to the next: the last rows of a prompt are kept however its prefill was split."""
+                       rows: torch.Tensor, counts: list[int], wants: list[int], scale: float) -> None:
+        """Prefill: each request's last `wants[i]` prompt-token queries ``[R, H, D]`` (post-RoPE)
+        at `layer`; the attention backend calls this from every layer's extend (`rows`: the extend
+        rows of all requests in order, `counts` of them per request, made once per forward). The
+        steps of a chunked prefill are contiguous, so rows carry over from one to the next: the
+        last rows of a prompt are kept however its prefill was split."""
         picked = q.index_select(0, rows.to(q.device)).detach()
-        for idx, rid, part in zip(req_pool_indices, rids, picked.split(counts)):
+        for idx, rid, want, part in zip(req_pool_indices, rids, wants, picked.split(counts)):
             if self._query_owner.get(idx) != rid:
                 self._query_owner[idx] = rid
                 self._queries.pop(idx, None)
+            if not want:
+                continue
             held = self._queries.setdefault(idx, {})
-            if layer in held and part.shape[0] < ATTENTION_MAX_ROWS:
-                part = torch.cat([held[layer][0], part])[-ATTENTION_MAX_ROWS:]
+            if layer in held and part.shape[0] < want:
+                part = torch.cat([held[layer][0], part])[-want:]
             held[layer] = (part, scale)
 
     def take_queries(self, idx: int) -> dict[int, tuple[torch.Tensor, float]] | None:

@@ -134,17 +134,18 @@ def _capture():
 
 
 def test_query_rows_carry_over_a_chunked_prefill_and_never_across_requests():
-    from lsa_sglang.config import ATTENTION_MAX_ROWS as cap
-
     capture = _capture()
     q = torch.arange(200.0).view(200, 1, 1)  # row i's query is i
-    # request a on pool row 3, prefilled in two chunks of 150 and 50 tokens, beside request b
-    capture.record_queries(0, q[:150], [3], ["a"], torch.arange(150 - cap, 150), [cap], 0.5)
-    capture.record_queries(0, q[150:200], [3], ["a"], torch.arange(0, 50), [50], 0.5)
+    # request a on pool row 3 wants 64 rows, prefilled in two steps of 150 and 50 tokens
+    capture.record_queries(0, q[:150], [3], ["a"], torch.arange(150 - 64, 150), [64], [64], 0.5)
+    capture.record_queries(0, q[150:200], [3], ["a"], torch.arange(0, 50), [50], [64], 0.5)
     rows, scale = capture.take_queries(3)[0]
-    assert scale == 0.5 and rows.flatten().tolist() == [float(i) for i in range(200 - cap, 200)]
+    assert scale == 0.5 and rows.flatten().tolist() == [float(i) for i in range(200 - 64, 200)]
     assert capture.take_queries(3) is None  # handed over once
     # a new request on the same pool row starts from nothing, whatever the last one left
-    capture.record_queries(0, q[:10], [3], ["a"], torch.arange(0, 10), [10], 0.5)
-    capture.record_queries(0, q[:4], [3], ["b"], torch.arange(0, 4), [4], 0.5)
+    capture.record_queries(0, q[:10], [3], ["a"], torch.arange(0, 10), [10], [64], 0.5)
+    capture.record_queries(0, q[:4], [3], ["b"], torch.arange(0, 4), [4], [64], 0.5)
     assert capture.take_queries(3)[0][0].flatten().tolist() == [0.0, 1.0, 2.0, 3.0]
+    # one row wanted: only the last prompt token's, beside a request that wants none
+    capture.record_queries(0, q[:30], [3, 4], ["c", "d"], torch.tensor([19, 29]), [1, 1], [1, 0], 0.5)
+    assert capture.take_queries(3)[0][0].flatten().tolist() == [19.0] and capture.take_queries(4) is None
