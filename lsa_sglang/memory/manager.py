@@ -368,9 +368,8 @@ class LSAMemoryManager:
         return set(sel.resident.tolist())
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
-        """Window 0: the last prompt tokens' attention at every layer (`indexer.attention_signal`),
-        over the prompt's keys, all still on the device at admission (as many of the last
-        `attention_rows` tokens as the prompt's final prefill computed)."""
+        """Window 0: the last `attention_rows` prompt tokens' attention at every layer
+        (`indexer.attention_signal`), over the prompt's keys, all still on the device at admission."""
         slots = self.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
         layers = sorted(queries)
         lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
