@@ -54,7 +54,9 @@ def test_accuracy_against_a_running_server(bench_server, tmp_path, capsys):
         assert 400 - 8 <= r["n_tokens"] <= 400
         assert r["completion_tokens"] <= 8
         assert r["score"] == string_match_all(r["prediction"], r["answers"])
-        assert r["full_kv_bytes"] > 0 and 0 < r["kv_ratio"] <= 1  # /lsa/stats matched by request id
+        # /lsa/stats matched by request id; a prompt this short stays whole on the device, plus its
+        # chunk keys (the selection metadata, 0.23% of a chunk's KV for this model)
+        assert r["full_kv_bytes"] > 0 and 0 < r["kv_ratio"] <= 1.01
     assert data["meta"]["versions"]["sglang"] and data["meta"]["machine"]["cpu_count"]
     assert data["meta"]["model"]["name"] == Path(data["meta"]["model"]["path"]).name
     saved = list((tmp_path / "results").glob("accuracy-*-test.json"))
