@@ -21,6 +21,7 @@ ENV_VAR = "LSA_SGLANG_CONFIG"
 ENSEMBLES = ("max", "mean")
 POLICIES = ("indexer", "recency", "random", "quest", "attention")
 KERNELS = ("auto", "torch", "triton", "flashinfer")
+LATER_WINDOWS = ("indexer", "carry")  # how the `attention` policy picks after window 0
 
 # Upper bounds: beyond them a count overflows the int64 tensors it ends up in (the selector,
 # the page layout) or a seed the torch generator (which also adds the chunk count to it).
@@ -89,8 +90,9 @@ class LSAConfig:
     host_pool_gb: float = 4.0
     indexer_checkpoint: str | None = None
     policy: str = "attention"
-    attention_rows: int = 1  # `attention` policy: last prompt tokens whose attention picks window 0
+    attention_rows: int = 16  # `attention` policy: last prompt tokens whose attention picks window 0
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
+    attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -154,6 +156,7 @@ class LSAConfig:
         need_choice("policy", POLICIES)
         need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
         need_bool("attention_per_head")
+        need_choice("attention_later", LATER_WINDOWS)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)

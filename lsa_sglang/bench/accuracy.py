@@ -25,8 +25,10 @@ from lsa_sglang.config import POLICIES
 # method name -> the LSA overrides it adds to its policy (A/B of one setting)
 VARIANTS = {
     "indexer-nofallback": ("indexer", {"needle_fallback": False}),
+    "attention-last": ("attention", {"attention_rows": 1}),
     "attention-rows": ("attention", {"attention_rows": 64}),
     "attention-heads": ("attention", {"attention_per_head": True}),
+    "attention-carry": ("attention", {"attention_later": "carry"}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 

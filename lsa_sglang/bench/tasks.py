@@ -408,6 +408,9 @@ TASKS: dict[str, TaskSpec] = {
                  _niah_haystack("prose", "numbers", _word_key, _num7, n_keys=4), 24, needs_prose=True),
         TaskSpec("niah_multivalue", "one key with 4 values in prose, all asked (niah_multivalue)",
                  _niah_haystack("prose", "numbers", _word_key, _num7, n_values=4), 64, needs_prose=True),
+        TaskSpec("niah_manyvalues", "one key with 12 values in prose, all asked: the answer spans 3 windows of 64 "
+                 "tokens and its needles outnumber a 9-page budget, so later windows are judged",
+                 _niah_haystack("prose", "numbers", _word_key, _num7, n_values=12), 192, needs_prose=True),
         TaskSpec("niah_multiquery", "4 keys in prose, all asked (niah_multiquery)",
                  _niah_haystack("prose", "numbers", _word_key, _num7, n_keys=4, n_queries=4), 64, needs_prose=True),
         TaskSpec("vt", "variable tracking: one chain of 4 hops in noise (RULER vt)", _vt(), 40),

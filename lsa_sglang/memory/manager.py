@@ -105,6 +105,7 @@ class ChunkTable:
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
     stats: RequestStats | None = None
+    window0_scores: torch.Tensor | None = None  # `attention` policy: admission's scores, for carry
 
     @property
     def mirrored(self) -> int:
@@ -343,6 +344,12 @@ class LSAMemoryManager:
         queries = self.capture.take_queries(table.req_pool_idx)  # only the admission uses them
         if config.policy == "attention" and n > 0 and queries is not None:
             scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
+            table.window0_scores = scores
+        elif config.policy == "attention" and config.attention_later == "carry" and table.window0_scores is not None:
+            # later windows rank by what the prompt's last rows attended (chunks written since score 0)
+            scores = torch.zeros(n, dtype=table.window0_scores.dtype)
+            kept = min(n, table.window0_scores.numel())
+            scores[:kept] = table.window0_scores[:kept]
         elif config.policy in SCORED and n > 0:
             hidden = self.capture.last_hidden(table.req_pool_idx)
             if hidden is not None:  # `attention` after window 0: the indexer's scores, budget filled

@@ -191,6 +191,21 @@ def test_policies_share_budget(lsa_server, policy):
     assert req["peak_device_kv_bytes"] < req["full_kv_bytes"] * 0.5
 
 
+def test_attention_carry_keeps_the_admission_picks_across_windows(lsa_server):
+    """`attention_later: carry` ranks later windows by the admission's attention scores: over 5
+    windows of 8 steps (no chunk leaves the tail in 40 tokens) the resident set never changes, so
+    nothing is copied back; the indexer, asked the same, changes its picks."""
+    ids = haystack_ids(lsa_server, 3000, seed=7)
+    copied = {}
+    for later in ("carry", "indexer"):
+        out = greedy(lsa_server, ids, n=40, lsa={"policy": "attention", "attention_later": later}, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+        assert req["windows"] >= 4, req
+        copied[later] = req["chunks_copied"]
+    assert copied["carry"] == 0 and copied["indexer"] > 0, copied
+
+
 def test_host_mirror_admission_queues(lsa_server, baseline):
     """Three 3K-token prompts need 141 host chunks; the test pool holds 127: one waits in the
     queue until a mirror frees, and every answer equals the one served alone."""

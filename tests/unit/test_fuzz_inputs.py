@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from lsa_sglang import launch_server as ls
-from lsa_sglang.config import KERNELS, MAX_COUNT, MAX_SEED, POLICIES, LSAConfig, LSAConfigError, read_preset, show_key
+from lsa_sglang.config import KERNELS, LATER_WINDOWS, MAX_COUNT, MAX_SEED, POLICIES, LSAConfig, LSAConfigError, read_preset, show_key
 from lsa_sglang.indexer.checkpoint import (
     CHECKED_FIELDS,
     IndexerCheckpointError,
@@ -119,6 +119,7 @@ RULES = {
     "policy": lambda v: _in(v, POLICIES),
     "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
     "attention_per_head": lambda v: isinstance(v, bool),
+    "attention_later": lambda v: _in(v, LATER_WINDOWS),
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,

@@ -1,0 +1,274 @@
+"""Window-0 selection rules judged by answers, offline: one dense prefill per prompt, every rule decoded.
+
+Runs without a server (transformers, CPU): per prompt one dense prefill keeps the post-RoPE keys and
+values of every layer and the queries of the last ``--rows`` prompt tokens; each rule then scores the
+chunks, the product's own selector (`select_chunks`, the preset's sink / tail / budget) picks the
+resident set, and the answer is decoded greedily from the pruned cache exactly as LSA serves window 0:
+the first token from the dense prefill's logits, every later step reading only the sink chunk, the
+picked chunks, the recency tail (and the tokens it generated). Rules differ only in the scores, so
+their answers compare at equal device bytes.
+
+Also reported per rule: the needle recall (the fraction of answer strings whose tokens lie in
+resident chunks) and, for reference, an *oracle* that picks by the attention the dense decode of the
+answer itself paid (the upper bound for any prediction of what the answer reads).
+
+    .venv/bin/python bench/window0.py --tasks niah_multikey niah_multivalue --samples 3 --seed 9500 \\
+        --json bench/results/window0-qwen2.5-0.5b.json
+
+Prefills are cached under ``--cache`` (fp32 KV, ~200 MB per 8K prompt), so a rule added later costs
+only its decodes. The served path is `lsa-bench compare`; this is the quick loop for choosing rules.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from lsa_sglang.assets import model_path_or_fetch
+from lsa_sglang.bench.scoring import string_match_all
+from lsa_sglang.bench.tasks import generate_samples
+from lsa_sglang.config import read_preset
+from lsa_sglang.indexer.attention_signal import attention_scores, layer_chunk_mass
+
+CS = 64  # chunk size (set from the preset in main)
+from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
+
+
+def load(model_path: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_path)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation="sdpa")
+    return tok, model.eval()
+
+
+class QueryTap:
+    """Post-RoPE queries of the last `rows` positions of every layer's input, per forward."""
+
+    def __init__(self, model, rows: int):
+        from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
+
+        self.rows, self.q = rows, {}
+        self._rot = apply_rotary_pos_emb
+        for i, layer in enumerate(model.model.layers):
+            layer.self_attn.register_forward_pre_hook(self._hook(i), with_kwargs=True)
+
+    def _hook(self, i: int):
+        def hook(attn, args, kwargs):
+            h = kwargs["hidden_states"][:, -self.rows :]
+            cos, sin = (t[:, -self.rows :] for t in kwargs["position_embeddings"])
+            q = attn.q_proj(h).view(1, h.shape[1], -1, attn.head_dim).transpose(1, 2)
+            q, _ = self._rot(q, q, cos, sin)
+            self.q[i] = q[0].transpose(0, 1).detach().clone()  # [R, H, D]
+
+        return hook
+
+
+def prefill(model, tap: QueryTap, ids: list[int]):
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), past_key_values=cache, use_cache=True, logits_to_keep=1)
+    keys = [layer.keys[0].transpose(0, 1).contiguous() for layer in cache.layers]  # [T, Hk, D]
+    values = [layer.values[0].transpose(0, 1).contiguous() for layer in cache.layers]
+    return {"first": int(out.logits[0, -1].argmax()), "q": [tap.q[i] for i in range(len(keys))],
+            "k": keys, "v": values}
+
+
+def decode(model, tap: QueryTap | None, state, keep: torch.Tensor | None, n_new: int, eos: set[int]):
+    """Greedy decode from the prefill state reading only prompt positions `keep` (None: all).
+    Returns the tokens and, if `tap`, each step's queries per layer ([H, D] per layer)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for l, (k, v) in enumerate(zip(state["k"], state["v"])):
+        if keep is not None:
+            k, v = k.index_select(0, keep), v.index_select(0, keep)
+        cache.update(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous(), l)
+    pos, tok = state["k"][0].shape[0], state["first"]
+    out, queries = [tok], []
+    with torch.no_grad():
+        while len(out) < n_new and tok not in eos:
+            model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
+                  use_cache=True, logits_to_keep=1)
+            logits = model._last_logits
+            if tap is not None:
+                queries.append([tap.q[i][0] for i in range(len(state["k"]))])
+            tok, pos = int(logits.argmax()), pos + 1
+            out.append(tok)
+    return out, queries
+
+
+def needle_chunks(tok, text: str, answers: list[str], cs: int) -> list[list[int]]:
+    """Per answer string, the chunks holding its tokens (its first occurrence in the prompt)."""
+    enc = tok(text, return_offsets_mapping=True, add_special_tokens=False)
+    out = []
+    for a in answers:
+        at = text.find(a)
+        if at < 0:
+            out.append([])
+            continue
+        toks = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if s < at + len(a) and e > at]
+        out.append(sorted({i // cs for i in toks}))
+    return out
+
+
+# --- rules: chunk scores [n] from the prompt rows' attention ------------------------------------
+
+def row_masses(state, rows: int, lo: int, hi: int) -> torch.Tensor:
+    """Exact causal attention mass of each of the last `rows` prompt rows on candidate chunks
+    ``[lo, hi)``: ``[layers, rows, heads, hi - lo]`` (row r at position T - rows + r)."""
+    out = []
+    for q, k in zip(state["q"], state["k"]):
+        q = q[-rows:]
+        t, hk = k.shape[0], k.shape[1]
+        r, h, d = q.shape
+        logits = torch.einsum("rkgd,tkd->rkgt", q.view(r, hk, h // hk, d), k) * d ** -0.5
+        last = torch.arange(t - r, t)
+        logits = logits.masked_fill(torch.arange(t)[None, None, None, :] > last[:, None, None, None], float("-inf"))
+        p = torch.softmax(logits, dim=-1).reshape(r, h, t)[..., lo * CS : hi * CS]
+        out.append(p.reshape(r, h, hi - lo, CS).sum(-1))
+    return torch.stack(out)
+
+
+def _share(m: torch.Tensor) -> torch.Tensor:
+    return m / m.sum(-1, keepdim=True).clamp_min(1e-30)
+
+
+def rule(rows: int, pool: str, heads: str = "sum", first_layer: int = 0) -> Callable:
+    """`pool`: how rows combine before the max over layers: sum (masses added, then renormalised:
+    the served `attention_rows`), mean (each row's shares renormalised, then averaged) or max."""
+    def score(m: torch.Tensor) -> torch.Tensor:
+        m = m[first_layer:, -rows:]
+        m = m.sum(2) if heads == "sum" else m  # [L, R, C] or [L, R, H, C]
+        if pool == "sum":
+            s = _share(m.sum(1))
+        elif pool == "mean":
+            s = _share(m).mean(1)
+        else:
+            s = _share(m).amax(1)
+        return s.reshape(-1, s.shape[-1]).amax(0)
+    return score
+
+
+RULES: dict[str, Callable] = {
+    "last": rule(1, "sum"),
+    "rows4-sum": rule(4, "sum"),
+    "rows16-sum": rule(16, "sum"),
+    "rows64-sum": rule(64, "sum"),
+    "rows4-mean": rule(4, "mean"),
+    "rows16-mean": rule(16, "mean"),
+    "rows64-mean": rule(64, "mean"),
+    "rows16-max": rule(16, "max"),
+    "rows64-max": rule(64, "max"),
+    "rows64-max-l2": rule(64, "max", first_layer=2),
+}
+
+
+def oracle_scores(state, steps, lo: int, hi: int) -> torch.Tensor:
+    """Largest per-layer share any decode step of the dense answer gave a chunk."""
+    t = state["k"][0].shape[0]
+    best = torch.zeros(hi - lo)
+    for qs in steps:
+        for q, k in zip(qs, state["k"]):
+            m = layer_chunk_mass(q, k[:t], q.shape[-1] ** -0.5, hi, CS)[lo:hi]
+            best = torch.maximum(best, _share(m))
+    return best
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="qwen2.5-0.5b")
+    ap.add_argument("--preset", default="server_configs/cpu-qwen2.5-0.5b.yaml")
+    ap.add_argument("--tasks", nargs="+", default=["niah_multikey", "niah_multivalue"])
+    ap.add_argument("--length", type=int, default=8192)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=9500)
+    ap.add_argument("--budget", type=int, default=None, help="pages (default: the preset's)")
+    ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"])
+    ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    cfg = read_preset(args.preset)[0]
+    if args.budget is not None:
+        cfg = cfg.replace(page_budget=args.budget)
+    params = SelectionParams.from_config(cfg)
+    global CS
+    cs = CS = cfg.chunk_size
+    path = str(model_path_or_fetch(args.model))
+    tok, model = load(path)
+    tap = QueryTap(model, args.rows)
+    # keep the logits of the step only (the model returns them; the hook stores them for decode)
+    model.register_forward_hook(lambda m, a, out: setattr(m, "_last_logits", out.logits[0, -1]))
+    gen_eos = model.generation_config.eos_token_id
+    eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
+    samples = generate_samples(args.tasks, [args.length], args.samples, path, seed=args.seed)
+    cache_dir = Path(args.cache)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    for s in samples:
+        ids = tok(s.prompt_text, add_special_tokens=False)["input_ids"]
+        key = hashlib.sha1(f"{path}:{args.rows}:{s.prompt_text}".encode()).hexdigest()[:16]
+        f = cache_dir / f"{key}.pt"
+        t0 = time.perf_counter()
+        if f.exists():
+            state = torch.load(f)
+        else:
+            state = prefill(model, tap, ids)
+            torch.save(state, f)
+        t_pre = time.perf_counter() - t0
+        n = len(ids) // cs
+        cand = candidate_chunks(n, params)
+        lo, hi = int(cand[0]), int(cand[-1]) + 1
+        masses = row_masses(state, args.rows, lo, hi)
+        needles = needle_chunks(tok, s.prompt_text, s.answers, cs)
+        dense, steps = decode(model, tap, state, None, s.max_new_tokens, eos)
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": len(ids), "answers": s.answers, "needle_chunks": needles,
+               "prefill_s": round(t_pre, 1), "rules": {}}
+        text = tok.decode(dense, skip_special_tokens=True)
+        rec["rules"]["dense"] = {"prediction": text, "score": string_match_all(text, s.answers)}
+        for name in args.rules:
+            scores = torch.zeros(n, dtype=torch.float64)
+            if name == "served":  # the product's own code path, as the server runs it (rows=1)
+                scores = attention_scores([q[-1:] for q in state["q"]], state["k"],
+                                          [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi))
+            else:
+                scores[lo:hi] = (oracle_scores(state, steps, lo, hi) if name == "oracle"
+                                 else RULES[name](masses)).double()
+            sel = select_chunks(n, params, scores=scores)
+            res = set(sel.resident.tolist())
+            keep = torch.tensor([p for p in range(len(ids)) if p // cs in res or p >= n * cs])
+            out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
+            text = tok.decode(out, skip_special_tokens=True)
+            recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
+            rec["rules"][name] = {"prediction": text, "score": string_match_all(text, s.answers),
+                                  "needle_recall": recall, "picked": sel.picked.tolist(),
+                                  "kv_ratio": len(keep) / len(ids)}
+        records.append(rec)
+        print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
+                          **{k: (v["score"], v.get("needle_recall")) for k, v in rec["rules"].items()}}), flush=True)
+    table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in records:
+        for name, v in r["rules"].items():
+            table[name][r["task"]].append(100 * v["score"])
+    summary = {name: {"tasks": {t: sum(v) / len(v) for t, v in per.items()},
+                      "mean": sum(sum(v) / len(v) for v in per.values()) / len(per)} for name, per in table.items()}
+    for name, v in summary.items():
+        print(f"{name:>12} {v['mean']:6.1f}  " + "  ".join(f"{t}={x:.0f}" for t, x in v["tasks"].items()))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"kind": "window0", "args": vars(args), "summary": summary,
+                                               "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
