@@ -162,7 +162,9 @@ def rule(rows: int, pool: str, heads: str = "sum", first_layer: int = 0) -> Call
 RULES: dict[str, Callable] = {
     "last": rule(1, "sum"),
     "rows4-sum": rule(4, "sum"),
+    "rows8-sum": rule(8, "sum"),
     "rows16-sum": rule(16, "sum"),
+    "rows32-sum": rule(32, "sum"),
     "rows64-sum": rule(64, "sum"),
     "rows4-mean": rule(4, "mean"),
     "rows16-mean": rule(16, "mean"),
@@ -170,6 +172,9 @@ RULES: dict[str, Callable] = {
     "rows16-max": rule(16, "max"),
     "rows64-max": rule(64, "max"),
     "rows64-max-l2": rule(64, "max", first_layer=2),
+    # two signals, each chunk its larger score: the last token's picks and the key rows' picks
+    "last|rows16": lambda m: torch.maximum(rule(1, "sum")(m), rule(16, "sum")(m)),
+    "last|rows16-max": lambda m: torch.maximum(rule(1, "sum")(m), rule(16, "max")(m)),
 }
 
 
