@@ -36,9 +36,9 @@ from lsa_sglang.bench.scoring import string_match_all
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import attention_scores, layer_chunk_mass
+from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
 
 CS = 64  # chunk size (set from the preset in main)
-from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
 
 
 def load(model_path: str):
@@ -50,7 +50,8 @@ def load(model_path: str):
 
 
 class QueryTap:
-    """Post-RoPE queries of the last `rows` positions of every layer's input, per forward."""
+    """Post-RoPE queries of the last `rows` positions of every layer's input, per forward
+    (Qwen2 / Llama-style attention: q_proj, then rotary with the layer's position embeddings)."""
 
     def __init__(self, model, rows: int):
         from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb
@@ -97,9 +98,8 @@ def decode(model, tap: QueryTap | None, state, keep: torch.Tensor | None, n_new:
     out, queries = [tok], []
     with torch.no_grad():
         while len(out) < n_new and tok not in eos:
-            model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
-                  use_cache=True, logits_to_keep=1)
-            logits = model._last_logits
+            logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[0, -1]
             if tap is not None:
                 queries.append([tap.q[i][0] for i in range(len(state["k"]))])
             tok, pos = int(logits.argmax()), pos + 1
@@ -143,19 +143,19 @@ def _share(m: torch.Tensor) -> torch.Tensor:
     return m / m.sum(-1, keepdim=True).clamp_min(1e-30)
 
 
-def rule(rows: int, pool: str, heads: str = "sum", first_layer: int = 0) -> Callable:
-    """`pool`: how rows combine before the max over layers: sum (masses added, then renormalised:
-    the served `attention_rows`), mean (each row's shares renormalised, then averaged) or max."""
+def rule(rows: int, pool: str, first_layer: int = 0) -> Callable:
+    """Scores from `row_masses`, heads summed. `pool`: how rows combine before the max over
+    layers: sum (masses added, then renormalised: the served `attention_rows`), mean (each row's
+    shares renormalised, then averaged) or max."""
     def score(m: torch.Tensor) -> torch.Tensor:
-        m = m[first_layer:, -rows:]
-        m = m.sum(2) if heads == "sum" else m  # [L, R, C] or [L, R, H, C]
+        m = m[first_layer:, -rows:].sum(2)  # [L, R, C]
         if pool == "sum":
             s = _share(m.sum(1))
         elif pool == "mean":
             s = _share(m).mean(1)
         else:
             s = _share(m).amax(1)
-        return s.reshape(-1, s.shape[-1]).amax(0)
+        return s.amax(0)
     return score
 
 
@@ -213,8 +213,6 @@ def main() -> None:
     path = str(model_path_or_fetch(args.model))
     tok, model = load(path)
     tap = QueryTap(model, args.rows)
-    # keep the logits of the step only (the model returns them; the hook stores them for decode)
-    model.register_forward_hook(lambda m, a, out: setattr(m, "_last_logits", out.logits[0, -1]))
     gen_eos = model.generation_config.eos_token_id
     eos = {tok.eos_token_id, *(gen_eos if isinstance(gen_eos, list) else [gen_eos])} - {None}
     samples = generate_samples(args.tasks, [args.length], args.samples, path, seed=args.seed)

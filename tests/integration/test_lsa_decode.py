@@ -194,7 +194,7 @@ def test_policies_share_budget(lsa_server, policy):
 def test_attention_carry_keeps_the_admission_picks_across_windows(lsa_server):
     """`attention_later: carry` ranks later windows by the admission's attention scores: over 5
     windows of 8 steps (no chunk leaves the tail in 40 tokens) the resident set never changes, so
-    nothing is copied back; the indexer, asked the same, changes its picks."""
+    no chunk is fetched from the host; the indexer, asked the same, changes its picks."""
     ids = haystack_ids(lsa_server, 3000, seed=7)
     copied = {}
     for later in ("carry", "indexer"):

@@ -26,7 +26,9 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from lsa_sglang import launch_server as ls
-from lsa_sglang.config import KERNELS, LATER_WINDOWS, MAX_COUNT, MAX_SEED, POLICIES, LSAConfig, LSAConfigError, read_preset, show_key
+from lsa_sglang.config import (
+    KERNELS, LATER_WINDOWS, MAX_COUNT, MAX_SEED, POLICIES, LSAConfig, LSAConfigError, read_preset, show_key,
+)
 from lsa_sglang.indexer.checkpoint import (
     CHECKED_FIELDS,
     IndexerCheckpointError,
