@@ -38,9 +38,6 @@ from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import attention_scores, layer_chunk_mass
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
 
-CS = 64  # chunk size (set from the preset in main)
-
-
 def load(model_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -123,9 +120,9 @@ def needle_chunks(tok, text: str, answers: list[str], cs: int) -> list[list[int]
 
 # --- rules: chunk scores [n] from the prompt rows' attention ------------------------------------
 
-def row_masses(state, rows: int, lo: int, hi: int) -> torch.Tensor:
-    """Exact causal attention mass of each of the last `rows` prompt rows on candidate chunks
-    ``[lo, hi)``: ``[layers, rows, heads, hi - lo]`` (row r at position T - rows + r)."""
+def row_masses(state, rows: int) -> torch.Tensor:
+    """Exact causal attention of each of the last `rows` prompt rows on every prompt token, heads
+    summed: ``[layers, rows, T]`` (row r at position T - rows + r); `pool` makes it per chunk."""
     out = []
     for q, k in zip(state["q"], state["k"]):
         q = q[-rows:]
@@ -134,9 +131,13 @@ def row_masses(state, rows: int, lo: int, hi: int) -> torch.Tensor:
         logits = torch.einsum("rkgd,tkd->rkgt", q.view(r, hk, h // hk, d), k) * d ** -0.5
         last = torch.arange(t - r, t)
         logits = logits.masked_fill(torch.arange(t)[None, None, None, :] > last[:, None, None, None], float("-inf"))
-        p = torch.softmax(logits, dim=-1).reshape(r, h, t)[..., lo * CS : hi * CS]
-        out.append(p.reshape(r, h, hi - lo, CS).sum(-1))
+        out.append(torch.softmax(logits, dim=-1).reshape(r, h, t).sum(1))
     return torch.stack(out)
+
+
+def pool(tokens: torch.Tensor, cs: int, lo: int, hi: int) -> torch.Tensor:
+    """Token masses ``[..., T]`` summed per chunk of `cs` over candidate chunks ``[lo, hi)``."""
+    return tokens[..., lo * cs : hi * cs].reshape(*tokens.shape[:-1], hi - lo, cs).sum(-1)
 
 
 def _share(m: torch.Tensor) -> torch.Tensor:
@@ -144,11 +145,11 @@ def _share(m: torch.Tensor) -> torch.Tensor:
 
 
 def rule(rows: int, pool: str, first_layer: int = 0) -> Callable:
-    """Scores from `row_masses`, heads summed. `pool`: how rows combine before the max over
-    layers: sum (masses added, then renormalised: the served `attention_rows`), mean (each row's
-    shares renormalised, then averaged) or max."""
+    """Scores from `row_masses` pooled per chunk ``[L, R, C]``. `pool`: how rows combine before the
+    max over layers: sum (masses added, then renormalised: the served `attention_rows`), mean
+    (each row's shares renormalised, then averaged) or max."""
     def score(m: torch.Tensor) -> torch.Tensor:
-        m = m[first_layer:, -rows:].sum(2)  # [L, R, C]
+        m = m[first_layer:, -rows:]
         if pool == "sum":
             s = _share(m.sum(1))
         elif pool == "mean":
@@ -156,6 +157,21 @@ def rule(rows: int, pool: str, first_layer: int = 0) -> Callable:
         else:
             s = _share(m).amax(1)
         return s.amax(0)
+    return score
+
+
+def interleave(*rules: Callable) -> Callable:
+    """The budget shared by turns: each rule's best chunk, then each rule's second, ... (a chunk
+    scores its best rank under any rule; ties go to the first rule's score)."""
+    def score(m: torch.Tensor) -> torch.Tensor:
+        ranks = []
+        for r in rules:
+            order = torch.argsort(r(m), descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank[order] = torch.arange(order.numel())
+            ranks.append(rank)
+        best = torch.stack(ranks).amin(0).double()
+        return 1.0 / (1.0 + best) + 1e-9 * rules[0](m).double()
     return score
 
 
@@ -175,18 +191,31 @@ RULES: dict[str, Callable] = {
     # two signals, each chunk its larger score: the last token's picks and the key rows' picks
     "last|rows16": lambda m: torch.maximum(rule(1, "sum")(m), rule(16, "sum")(m)),
     "last|rows16-max": lambda m: torch.maximum(rule(1, "sum")(m), rule(16, "max")(m)),
+    # two signals taking turns
+    "last+rows16": interleave(rule(16, "sum"), rule(1, "sum")),
 }
 
 
-def oracle_scores(state, steps, lo: int, hi: int) -> torch.Tensor:
+def oracle_scores(state, steps, cs: int, lo: int, hi: int) -> torch.Tensor:
     """Largest per-layer share any decode step of the dense answer gave a chunk."""
     t = state["k"][0].shape[0]
     best = torch.zeros(hi - lo)
     for qs in steps:
         for q, k in zip(qs, state["k"]):
-            m = layer_chunk_mass(q, k[:t], q.shape[-1] ** -0.5, hi, CS)[lo:hi]
+            m = layer_chunk_mass(q, k[:t], q.shape[-1] ** -0.5, hi, cs)[lo:hi]
             best = torch.maximum(best, _share(m))
     return best
+
+
+def equal_bytes(cfg, cs: int) -> SelectionParams:
+    """The preset's selection at chunk size `cs` with the same device tokens: sink, budget and
+    tail kept in tokens (one chunk per page)."""
+    per = cfg.chunk_size * cfg.chunks_per_page
+    if (cfg.page_budget * per) % cs or (cfg.sink_chunks * cfg.chunk_size) % cs:
+        raise SystemExit(f"chunk size {cs} does not divide the preset's budget or sink")
+    return SelectionParams.from_config(cfg.replace(
+        chunk_size=cs, chunks_per_page=1, page_budget=cfg.page_budget * per // cs,
+        sink_chunks=cfg.sink_chunks * cfg.chunk_size // cs, min_pages=0))
 
 
 def main() -> None:
@@ -198,6 +227,9 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--seed", type=int, default=9500)
     ap.add_argument("--budget", type=int, default=None, help="pages (default: the preset's)")
+    ap.add_argument("--chunks", type=int, nargs="+", default=None,
+                    help="chunk sizes to judge every rule at, equal device tokens (default: the preset's); "
+                         "a rule at another size than the preset's is reported as rule@size")
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
@@ -207,9 +239,7 @@ def main() -> None:
     cfg = read_preset(args.preset)[0]
     if args.budget is not None:
         cfg = cfg.replace(page_budget=args.budget)
-    params = SelectionParams.from_config(cfg)
-    global CS
-    cs = CS = cfg.chunk_size
+    sizes = args.chunks or [cfg.chunk_size]
     path = str(model_path_or_fetch(args.model))
     tok, model = load(path)
     tap = QueryTap(model, args.rows)
@@ -230,33 +260,37 @@ def main() -> None:
             state = prefill(model, tap, ids)
             torch.save(state, f)
         t_pre = time.perf_counter() - t0
-        n = len(ids) // cs
-        cand = candidate_chunks(n, params)
-        lo, hi = int(cand[0]), int(cand[-1]) + 1
-        masses = row_masses(state, args.rows, lo, hi)
-        needles = needle_chunks(tok, s.prompt_text, s.answers, cs)
+        tokens = row_masses(state, args.rows)
         dense, steps = decode(model, tap, state, None, s.max_new_tokens, eos)
-        rec = {"task": s.task, "seed": s.seed, "n_tokens": len(ids), "answers": s.answers, "needle_chunks": needles,
+        rec = {"task": s.task, "seed": s.seed, "n_tokens": len(ids), "answers": s.answers, "needle_chunks": {},
                "prefill_s": round(t_pre, 1), "rules": {}}
         text = tok.decode(dense, skip_special_tokens=True)
         rec["rules"]["dense"] = {"prediction": text, "score": string_match_all(text, s.answers)}
-        for name in args.rules:
-            scores = torch.zeros(n, dtype=torch.float64)
-            if name == "served":  # the product's own code path, as the server runs it (rows=1)
-                scores = attention_scores([q[-1:] for q in state["q"]], state["k"],
-                                          [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi))
-            else:
-                scores[lo:hi] = (oracle_scores(state, steps, lo, hi) if name == "oracle"
-                                 else RULES[name](masses)).double()
-            sel = select_chunks(n, params, scores=scores)
-            res = set(sel.resident.tolist())
-            keep = torch.tensor([p for p in range(len(ids)) if p // cs in res or p >= n * cs])
-            out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
-            text = tok.decode(out, skip_special_tokens=True)
-            recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
-            rec["rules"][name] = {"prediction": text, "score": string_match_all(text, s.answers),
-                                  "needle_recall": recall, "picked": sel.picked.tolist(),
-                                  "kv_ratio": len(keep) / len(ids)}
+        for cs in sizes:
+            params = equal_bytes(cfg, cs)
+            n = len(ids) // cs
+            cand = candidate_chunks(n, params)
+            lo, hi = int(cand[0]), int(cand[-1]) + 1
+            masses = pool(tokens, cs, lo, hi)
+            needles = rec["needle_chunks"][cs] = needle_chunks(tok, s.prompt_text, s.answers, cs)
+            for name in args.rules:
+                scores = torch.zeros(n, dtype=torch.float64)
+                if name == "served":  # the product's own code path, as the server runs it (rows=1)
+                    scores = attention_scores([q[-1:] for q in state["q"]], state["k"],
+                                              [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi))
+                else:
+                    scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
+                                     else RULES[name](masses)).double()
+                sel = select_chunks(n, params, scores=scores)
+                res = set(sel.resident.tolist())
+                keep = torch.tensor([p for p in range(len(ids)) if p // cs in res or p >= n * cs])
+                out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
+                text = tok.decode(out, skip_special_tokens=True)
+                recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
+                label = name if cs == cfg.chunk_size else f"{name}@{cs}"
+                rec["rules"][label] = {"prediction": text, "score": string_match_all(text, s.answers),
+                                       "needle_recall": recall, "picked": sel.picked.tolist(),
+                                       "kv_ratio": len(keep) / len(ids)}
         records.append(rec)
         print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
                           **{k: (v["score"], v.get("needle_recall")) for k, v in rec["rules"].items()}}), flush=True)
