@@ -65,6 +65,25 @@ def show_key(key: Any) -> str:
     return text if len(text) <= _SHOW_LIMIT else text[: _SHOW_LIMIT - 3] + "..."
 
 
+def budget_from_tokens(data: dict[str, Any], tokens_per_page: int, where: str) -> dict[str, Any]:
+    """`budget_tokens` (device tokens for the selected chunks) given instead of `page_budget`: the
+    same budget in pages, so a budget keeps its device bytes across chunk sizes. `where` starts
+    the message ("lsa config field", "lsa request override")."""
+    if "budget_tokens" not in data:
+        return data
+    data = dict(data)
+    tokens = data.pop("budget_tokens")
+    if "page_budget" in data:
+        raise LSAConfigError(f"{where} 'budget_tokens': expected either budget_tokens or page_budget, got both")
+    if not _is_int(tokens) or tokens < tokens_per_page or tokens % tokens_per_page or tokens // tokens_per_page > MAX_COUNT:
+        raise LSAConfigError(
+            f"{where} 'budget_tokens': expected a positive multiple of chunk_size x chunks_per_page "
+            f"({tokens_per_page}), got {show(tokens)}"
+        )
+    data["page_budget"] = tokens // tokens_per_page
+    return data
+
+
 @dataclass(frozen=True)
 class LSAConfig:
     """Lookahead Sparse Attention settings (names follow the paper).
@@ -183,13 +202,17 @@ class LSAConfig:
             data = {}
         if not isinstance(data, dict):
             raise LSAConfigError(f"lsa config must be a mapping of field: value, got {type(data).__name__}")
-        unknown = [k for k in data if k not in cls.field_names()]
+        unknown = [k for k in data if k not in cls.field_names() + ("budget_tokens",)]
         if unknown:
             raise LSAConfigError(
                 f"lsa config field '{show_key(min(unknown, key=show_key))}': unknown field; known fields are "
                 + ", ".join(cls.field_names())
             )
         data = dict(data)
+        if "budget_tokens" in data:  # the chunk size and page width it divides by, checked first
+            rest = {k: v for k, v in data.items() if k not in ("budget_tokens", "page_budget", "min_pages")}
+            page = cls.from_dict(rest, base_dir)
+            data = budget_from_tokens(data, page.chunk_size * page.chunks_per_page, "lsa config field")
         if isinstance(data.get("target_layers"), list):
             data["target_layers"] = tuple(data["target_layers"])
         ckpt = data.get("indexer_checkpoint")

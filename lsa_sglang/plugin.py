@@ -101,7 +101,7 @@ def parse_overrides(custom_params, base=None) -> dict:
     Each value is checked on its own, then the changes together with `base` (the server's
     config; the defaults when None), so `min_pages` is held against the page budget the request
     will really get."""
-    from lsa_sglang.config import MAX_COUNT, LSAConfig, LSAConfigError, show, show_key
+    from lsa_sglang.config import MAX_COUNT, LSAConfig, LSAConfigError, budget_from_tokens, show, show_key
 
     if not isinstance(custom_params, dict) or OVERRIDE_KEY not in custom_params:
         return {}
@@ -110,13 +110,14 @@ def parse_overrides(custom_params, base=None) -> dict:
         raise LSAConfigError(
             f"lsa request override 'lsa': expected a mapping under custom_params['lsa'], got {show(over)}"
         )
-    bad = [k for k in over if k not in OVERRIDABLE]
+    bad = [k for k in over if k not in OVERRIDABLE + ("budget_tokens",)]
     if bad:
         raise LSAConfigError(
             f"lsa request override '{show_key(min(bad, key=show_key))}': not overridable per request; "
-            "allowed: " + ", ".join(OVERRIDABLE)
+            "allowed: " + ", ".join(OVERRIDABLE + ("budget_tokens",))
         )
     base = LSAConfig() if base is None else base
+    over = budget_from_tokens(over, base.chunk_size * base.chunks_per_page, "lsa request override")
     # Values alone: a budget that admits every min_pages and the other way round.
     try:
         base.replace(**{"page_budget": MAX_COUNT, "min_pages": 0, **over})

@@ -26,8 +26,9 @@ CS = 16
 def server(model_path, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("chunk16")
     preset = yaml.safe_load(PRESET.read_text())
-    scale = preset["chunk_size"] // CS
-    preset.update(chunk_size=CS, page_budget=preset["page_budget"] * scale, sink_chunks=preset["sink_chunks"] * scale)
+    # the budget given in tokens (the preset's pages x 64): the launcher turns it into 16-token pages
+    tokens = preset.pop("page_budget") * preset["chunk_size"]
+    preset.update(chunk_size=CS, budget_tokens=tokens, sink_chunks=preset["sink_chunks"] * preset["chunk_size"] // CS)
     path = tmp / "lsa-chunk16.yaml"
     path.write_text(yaml.safe_dump(preset))
     s = start_server(
@@ -69,6 +70,9 @@ def test_chunk16_sparse_decode_reads_only_resident_chunks(server, baseline, poli
     req = next(r for r in stats(server)["requests"] if r["rid"] == out["meta_info"]["id"])
     assert req["windows"] >= 3 and req["chunks_copied"] > 0, req
     assert req["peak_device_kv_bytes"] / req["full_kv_bytes"] <= 0.15, req
+    if policy == "attention":  # budget always filled: sink (4) + 384 budget tokens in 16-token chunks
+        chunk = stats(server)["server"]["chunk_bytes"]
+        assert req["peak_device_kv_bytes"] - req["selection_metadata_bytes"] >= (4 + 384 // CS) * chunk, req
     # the selection metadata (mean, min and max key at 3 target layers of SmolLM2: 3 KV heads of
     # 64 dims, float32) is counted per mirrored 16-token chunk
     mirrored, rest = divmod(req["selection_metadata_bytes"], 3 * 3 * 3 * 64 * 4)

@@ -100,3 +100,27 @@ def test_shipped_presets_are_valid():
     assert presets
     for p in presets:
         read_preset(p)
+
+
+@pytest.mark.parametrize("chunk,per_page,pages", [(64, 1, 9), (32, 1, 18), (16, 1, 36), (32, 2, 9)])
+def test_budget_in_tokens_is_the_same_bytes_at_every_chunk_size(chunk, per_page, pages):
+    cfg = LSAConfig.from_dict({"chunk_size": chunk, "chunks_per_page": per_page, "budget_tokens": 576})
+    assert cfg.page_budget == pages
+    assert cfg.page_budget * cfg.chunks_per_page * cfg.chunk_size == 576
+
+
+@pytest.mark.parametrize(
+    "data,text",
+    [
+        ({"budget_tokens": 100}, "'budget_tokens': expected a positive multiple of chunk_size x chunks_per_page (64), got 100"),
+        ({"budget_tokens": 0}, "'budget_tokens': expected a positive multiple"),
+        ({"budget_tokens": "576"}, "'budget_tokens': expected a positive multiple"),
+        ({"budget_tokens": 576, "page_budget": 9}, "'budget_tokens': expected either budget_tokens or page_budget, got both"),
+        ({"budget_tokens": 576, "chunk_size": 48}, "'chunk_size': expected a power of two"),
+        ({"budget_tokens": 128, "min_pages": 3}, "'min_pages': expected an integer <= page_budget (2)"),
+    ],
+)
+def test_budget_in_tokens_errors(data, text):
+    with pytest.raises(LSAConfigError) as e:
+        LSAConfig.from_dict(data)
+    assert text in str(e.value) and "\n" not in str(e.value)

@@ -219,6 +219,16 @@ def test_override_examples(over, key, text):
     assert f"'{key}'" in msg and text in msg and one_line(msg), msg
 
 
+def test_override_budget_in_tokens_uses_the_server_chunk_size():
+    server = LSAConfig(chunk_size=16, page_budget=36)
+    assert parse_overrides({"lsa": {"budget_tokens": 1024, "policy": "quest"}}, server) == {"policy": "quest", "page_budget": 64}
+    assert parse_overrides({"lsa": {"budget_tokens": 1024}}) == {"page_budget": 16}  # default chunk 64
+    with pytest.raises(LSAConfigError, match=r"^lsa request override 'budget_tokens': .*multiple .*\(16\), got 1000$"):
+        parse_overrides({"lsa": {"budget_tokens": 1000}}, server)
+    with pytest.raises(LSAConfigError, match=r"^lsa request override 'budget_tokens': expected either"):
+        parse_overrides({"lsa": {"budget_tokens": 1024, "page_budget": 4}}, server)
+
+
 def test_override_checked_against_the_server_config():
     """min_pages is held against the budget the request gets, not the default budget."""
     server = LSAConfig(page_budget=32, min_pages=4)
