@@ -15,7 +15,7 @@ import requests
 import yaml
 
 from conftest import COMMON_FLAGS, PRESET, start_server, stop_server
-from test_lsa_decode import greedy, haystack_ids, stats, wait_idle
+from test_lsa_decode import greedy, haystack_ids, idle_baseline, stats, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -42,8 +42,7 @@ def server(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(server):
-    greedy(server, [1, 2, 3], n=2)
-    return wait_idle(server, flush=True)["server"]
+    return idle_baseline(server)
 
 
 def test_chunk16_server_runs_16_token_pages(server, model_path):

@@ -76,11 +76,15 @@ def wait_idle(server, timeout=120, flush=False) -> dict:
     raise AssertionError(f"requests still running: {s}")
 
 
+def idle_baseline(server) -> dict:
+    """Pool occupancy of the idle server (after a warm-up request), prefix cache empty."""
+    greedy(server, [1, 2, 3], n=2)
+    return wait_idle(server, flush=True)["server"]
+
+
 @pytest.fixture(scope="module")
 def baseline(lsa_server):
-    """Pool occupancy of the idle server (after a warm-up request), prefix cache empty."""
-    greedy(lsa_server, [1, 2, 3], n=2)
-    return wait_idle(lsa_server, flush=True)["server"]
+    return idle_baseline(lsa_server)
 
 
 def test_gate_off_exact(lsa_server, stock_server):

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from conftest import PRESET, start_server, stop_server
-from test_lsa_decode import greedy, haystack_ids, stats, wait_idle
+from test_lsa_decode import greedy, haystack_ids, idle_baseline, stats, wait_idle
 
 pytestmark = pytest.mark.slow
 
@@ -34,8 +34,7 @@ def server(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def baseline(server):
-    greedy(server, [1, 2, 3], n=2)
-    return wait_idle(server, flush=True)["server"]
+    return idle_baseline(server)
 
 
 def cached(out) -> int:
