@@ -206,7 +206,7 @@ class LSAConfig:
         if unknown:
             raise LSAConfigError(
                 f"lsa config field '{show_key(min(unknown, key=show_key))}': unknown field; known fields are "
-                + ", ".join(cls.field_names())
+                + ", ".join(cls.field_names() + ("budget_tokens",))
             )
         data = dict(data)
         if "budget_tokens" in data:  # the chunk size and page width it divides by, checked first
