@@ -25,7 +25,7 @@ serve: setup
 		--lsa-config $(CONFIG) --host $(HOST) --port $(PORT)
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=15 tests
 
 test-unit: setup
 	$(PY) -m pytest -q -ra tests/unit
