@@ -112,6 +112,7 @@ class LSAConfig:
     attention_rows: int = 16  # `attention` policy: last prompt tokens whose attention picks window 0
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
+    swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -176,6 +177,8 @@ class LSAConfig:
         need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
         need_bool("attention_per_head")
         need_choice("attention_later", LATER_WINDOWS)
+        if self.swap_limit is not None:
+            need_int("swap_limit", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)

@@ -29,6 +29,7 @@ VARIANTS = {
     "attention-rows": ("attention", {"attention_rows": 64}),
     "attention-heads": ("attention", {"attention_per_head": True}),
     "attention-carry": ("attention", {"attention_later": "carry"}),
+    "attention-swap-all": ("attention", {"swap_limit": None}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 

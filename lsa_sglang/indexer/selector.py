@@ -6,7 +6,10 @@ caller's and always resident. The first `sink_chunks` and the last `recent_chunk
 others ("candidates") are grouped into pages ``p = chunk_id // chunks_per_page`` (the same
 absolute layout as the scoring kernel's per-page counts, so pages do not shift as a request grows;
 a page that overlaps the sink or tail contributes only its candidate chunks). Every policy keeps at
-most `page_budget` pages, so policies compare at equal device footprint.
+most `page_budget` pages, so policies compare at equal device footprint. At a later window
+boundary a `swap_limit` bounds how many pages the new set may bring in that are not already held:
+the device holds the current set and the incoming pages side by side until the swap, so the limit
+bounds a request's peak device bytes and the copies per boundary.
 """
 
 from __future__ import annotations
@@ -120,6 +123,8 @@ def select_chunks(
     scores: torch.Tensor | None = None,
     rng: torch.Generator | int | None = None,
     widen: bool = False,
+    held: torch.Tensor | None = None,
+    swap_limit: int | None = None,
 ) -> Selection:
     """Resident chunk set of one request for the next window.
 
@@ -127,7 +132,9 @@ def select_chunks(
     backbone's attention shares ("attention": fixed budget, filled by score like "quest");
     ignored by "recency" and "random". `rng`: a torch.Generator or int seed, required by "random"
     (explicit so baselines are reproducible). `widen`: the needle fallback (see `needs_fallback`);
-    honoured only for the indexer policy and when ``params.needle_fallback`` is on.
+    honoured only for the indexer policy and when ``params.needle_fallback`` is on. `held`: chunk
+    ids resident now; with `swap_limit` the kept pages include at most that many pages not wholly
+    held (the policy's best), the rest are the policy's best held pages (None: no limit).
     """
     if n_chunks < 0:
         raise ValueError(f"n_chunks must be >= 0, got {n_chunks}")
@@ -154,27 +161,39 @@ def select_chunks(
     budget = params.page_budget
     fallback = False
 
+    # `order`: every candidate page, the policy's preferred first; it keeps the first `n_keep`
+    n_keep = budget
     if params.policy == "recency":
-        keep = torch.arange(n_pages - budget, n_pages)
+        order = torch.arange(n_pages - 1, -1, -1)
     elif params.policy == "random":
         if rng is None:
             raise ValueError("policy 'random' needs rng (a torch.Generator or an int seed)")
         gen = rng if isinstance(rng, torch.Generator) else torch.Generator().manual_seed(int(rng))
-        keep = torch.randperm(n_pages, generator=gen)[:budget]
+        order = torch.randperm(n_pages, generator=gen)
     else:
         cs = s[lo:hi]
         page_max = torch.full((n_pages,), float("-inf"), dtype=cs.dtype).scatter_reduce(0, local, cs, reduce="amax")
         recency = torch.arange(n_pages, dtype=torch.float32)
         fallback = bool(widen and params.needle_fallback and params.policy == "indexer")
         if params.policy in ("quest", "attention") or fallback:
-            keep = _rank_pages([page_max, recency])[:budget]
+            order = _rank_pages([page_max, recency])
         else:
             density = torch.zeros(n_pages).index_add_(0, local, (cs > params.threshold).to(torch.float32))
             n_dense = int((density > 0).sum())
             n_keep = max(min(n_dense, budget), params.min_pages)
             # Dense pages first (densest, then max score, then recent); the top-up to min_pages
             # continues with the non-dense pages by max score, which is the same order.
-            keep = _rank_pages([density, page_max, recency])[:n_keep]
+            order = _rank_pages([density, page_max, recency])
+    keep = order[:n_keep]
+    if held is not None and swap_limit is not None:
+        # a page is held when every candidate chunk of it is resident
+        in_range = torch.zeros(hi - lo, dtype=torch.bool)
+        h = torch.as_tensor(held, dtype=torch.int64).reshape(-1)
+        in_range[h[(h >= lo) & (h < hi)] - lo] = True
+        missing = torch.zeros(n_pages, dtype=torch.int64).index_add_(0, local, (~in_range).to(torch.int64))
+        is_held = (missing == 0).index_select(0, order)
+        incoming = keep[~is_held[:n_keep]][:swap_limit]
+        keep = torch.cat([incoming, order[is_held][: n_keep - incoming.numel()]])
     kept = torch.zeros(n_pages, dtype=torch.bool).index_fill_(0, keep, True)
     picked = cand[kept.index_select(0, local)]
     return done(picked, fallback)

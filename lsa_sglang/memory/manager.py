@@ -324,7 +324,7 @@ class LSAMemoryManager:
         # The set selected now is swapped in at the next boundary: a request that ends before
         # it would only hold cells it never reads (and that admission had to reserve).
         if req is None or _steps_left(req) >= table.config.tau:
-            selection = self._select(table, seq_len)
+            selection = self._select(table, seq_len, held=table.resident)
             if selection is not None:
                 self._start_prefetch(table, selection)
         self._publish()
@@ -335,7 +335,9 @@ class LSAMemoryManager:
         )
 
     # -- selection ---------------------------------------------------------------------
-    def _select(self, table: ChunkTable, seq_len: int) -> set[int] | None:
+    def _select(self, table: ChunkTable, seq_len: int, held: set[int] | None = None) -> set[int] | None:
+        """The resident set for the next window. `held`: the chunks resident now (a later
+        boundary), so the config's `swap_limit` bounds the pages the set brings in."""
         n = table.mirrored
         config = table.config
         params = SelectionParams.from_config(config)
@@ -368,7 +370,10 @@ class LSAMemoryManager:
             config.policy == "indexer" and config.needle_fallback and len(cand) > 0
             and needs_fallback(scores[cand[0] : cand[-1] + 1], config.threshold, tail_mass)
         )
-        sel = select_chunks(n, params, scores=scores, rng=config.seed + n, widen=widen)
+        sel = select_chunks(
+            n, params, scores=scores, rng=config.seed + n, widen=widen,
+            held=None if held is None else torch.tensor(sorted(held), dtype=torch.int64), swap_limit=config.swap_limit,
+        )
         if sel.fallback:
             table.stats.fallbacks += 1
             self.server["fallbacks"] += 1

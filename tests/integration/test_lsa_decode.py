@@ -195,19 +195,26 @@ def test_policies_share_budget(lsa_server, policy):
     assert req["peak_device_kv_bytes"] < req["full_kv_bytes"] * 0.5
 
 
-def test_attention_carry_keeps_the_admission_picks_across_windows(lsa_server):
+def test_later_windows_carry_and_swap_limit(lsa_server):
     """`attention_later: carry` ranks later windows by the admission's attention scores: over 5
     windows of 8 steps (no chunk leaves the tail in 40 tokens) the resident set never changes, so
-    no chunk is fetched from the host; the indexer, asked the same, changes its picks."""
+    no chunk is fetched from the host; the indexer, asked the same, changes its picks. Quest
+    changes several picks per boundary; with `swap_limit: 1` it brings in at most one chunk per
+    boundary, and its peak (current set + the incoming chunks) stays lower."""
     ids = haystack_ids(lsa_server, 3000, seed=7)
-    copied = {}
-    for later in ("carry", "indexer"):
-        out = greedy(lsa_server, ids, n=40, lsa={"policy": "attention", "attention_later": later}, logprobs=True)
+    got = {}
+    for name, lsa in (("carry", {"policy": "attention", "attention_later": "carry"}),
+                      ("indexer", {"policy": "attention"}),
+                      ("quest", {"policy": "quest"}), ("quest, limit 1", {"policy": "quest", "swap_limit": 1})):
+        out = greedy(lsa_server, ids, n=40, lsa=lsa, logprobs=True)
         assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
         req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
         assert req["windows"] >= 4, req
-        copied[later] = req["chunks_copied"]
+        got[name] = req
+    copied = {name: req["chunks_copied"] for name, req in got.items()}
     assert copied["carry"] == 0 and copied["indexer"] > 0, copied
+    assert copied["quest"] > got["quest"]["windows"] and 1 <= copied["quest, limit 1"] <= got["quest"]["windows"], copied
+    assert got["quest, limit 1"]["peak_device_kv_bytes"] < got["quest"]["peak_device_kv_bytes"]
 
 
 def test_host_mirror_admission_queues(lsa_server, baseline):

@@ -122,6 +122,7 @@ RULES = {
     "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
     "attention_per_head": lambda v: isinstance(v, bool),
     "attention_later": lambda v: _in(v, LATER_WINDOWS),
+    "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,

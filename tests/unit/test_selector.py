@@ -187,6 +187,56 @@ def test_invariants_on_random_inputs() -> None:
                 assert sel.pages_kept == p.page_budget
 
 
+def test_swap_limit_brings_in_the_best_new_pages_and_keeps_the_best_held() -> None:
+    # quest, 1 chunk per page: candidates 1..35, budget 4
+    p = params(policy="quest", chunks_per_page=1, page_budget=4)
+    s = torch.arange(N, dtype=torch.float32) / 100  # later chunks score higher
+    s[[3, 9, 14, 20]] = torch.tensor([5.0, 4.0, 3.0, 2.0])  # the new best four, none of them held
+    held = torch.tensor([0, 10, 11, 12, 13, 36, 37, 38, 39])  # sink, four picks, the tail
+    assert ids(select_chunks(N, p, s, held=held).picked) == [3, 9, 14, 20]  # no limit: all four swap
+    sel = select_chunks(N, p, s, held=held, swap_limit=1)
+    assert ids(sel.picked) == [3, 11, 12, 13]  # the best new page, then the best held ones
+    assert ids(select_chunks(N, p, s, held=held, swap_limit=0).picked) == [10, 11, 12, 13]
+    assert torch.equal(select_chunks(N, p, s, held=held, swap_limit=4).picked, select_chunks(N, p, s).picked)
+    # more held than the budget (chunks that left the tail): the worst held ones go, nothing comes
+    held = torch.arange(N)
+    assert ids(select_chunks(N, p, s, held=held, swap_limit=0).picked) == [3, 9, 14, 20]
+
+
+def test_swap_limit_counts_pages_not_wholly_held() -> None:
+    p = params(policy="quest", page_budget=2)  # pages of 4: page 3 = chunks 12..15, page 6 = 24..27
+    s = base_scores()
+    held = torch.tensor([0, 13, 14, 15, 28, 29, 30, 31])  # page 3 lacks chunk 12; page 7 is whole
+    sel = select_chunks(N, p, s, held=held, swap_limit=1)
+    assert ids(sel.picked) == [4, 5, 6, 7, 28, 29, 30, 31]  # one page comes (the best), page 7 stays
+
+
+def test_swap_limit_on_random_inputs() -> None:
+    r = random.Random(1)
+    for trial in range(300):
+        p = SelectionParams(
+            threshold=r.random(), chunks_per_page=r.randint(1, 4), page_budget=r.randint(1, 6),
+            sink_chunks=r.randint(0, 2), recent_chunks=r.randint(0, 5),
+            policy=r.choice(["indexer", "quest", "attention", "recency", "random"]),
+        )
+        n = r.randint(0, 80)
+        scores = torch.rand(n)
+        held = torch.tensor(sorted(r.sample(range(n), r.randint(0, n))), dtype=torch.int64)
+        limit = r.randint(0, 3)
+        free = select_chunks(n, p, scores, rng=trial)
+        sel = select_chunks(n, p, scores, rng=trial, held=held, swap_limit=limit)
+        if candidate_chunks(n, p).numel() <= p.page_budget * p.chunks_per_page:
+            assert torch.equal(sel.resident, free.resident)  # everything fits: nothing to limit
+            continue
+        cpp, cand = p.chunks_per_page, ids(candidate_chunks(n, p))
+        wholly_held = {c // cpp for c in cand} - {c // cpp for c in cand if c not in set(ids(held))}
+        pages = {int(c) // cpp for c in sel.picked}
+        wanted = {int(c) // cpp for c in free.picked}
+        incoming = pages - wholly_held
+        assert incoming <= wanted and len(incoming) == min(limit, len(wanted - wholly_held))
+        assert len(pages) == len(incoming) + min(len(wanted) - len(incoming), len(wholly_held))
+
+
 def test_forced_and_candidates_partition() -> None:
     p = params(sink_chunks=2, recent_chunks=3)
     for n in range(0, 12):
