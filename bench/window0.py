@@ -35,7 +35,7 @@ from lsa_sglang.assets import model_path_or_fetch
 from lsa_sglang.bench.scoring import string_match_all
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
-from lsa_sglang.indexer.attention_signal import attention_scores, layer_chunk_mass
+from lsa_sglang.indexer.attention_signal import attention_scores, evidence_swap, layer_chunk_mass, quest_shares
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
 
 def load(model_path: str):
@@ -102,6 +102,65 @@ def decode(model, tap: QueryTap | None, state, keep: torch.Tensor | None, n_new:
             tok, pos = int(logits.argmax()), pos + 1
             out.append(tok)
     return out, queries
+
+
+def exact_shares(qs, state, cs: int, lo: int, hi: int) -> torch.Tensor:
+    """One decode step's true read of the candidate chunks ``[hi - lo]``: per layer the chunk mass
+    of the step's query over the prompt (heads summed), renormalised over the candidates, max over
+    layers (the upper bound for any signal a server can keep for chunks it does not hold)."""
+    best = torch.zeros(hi - lo)
+    t = state["k"][0].shape[0]
+    for l, q in enumerate(qs):
+        best = torch.maximum(best, _share(layer_chunk_mass(q, state["k"][l][:t], q.shape[-1] ** -0.5, hi, cs)[lo:hi]))
+    return best
+
+
+def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, first_scores: torch.Tensor,
+                    signal: str, cs: int, lo: int, hi: int, n_new: int, eos: set[int]):
+    """Greedy decode from the window-0 set with re-selection on evidence after every step, as the
+    server's `reselect` does (`quest_shares` over every layer's bfloat16 key bounds, then
+    `evidence_swap`, one chunk per step; `exact`: the step's true attention instead of the bounds).
+    Returns the tokens and the number of swaps."""
+    from transformers import DynamicCache
+
+    def bound(f):
+        return torch.stack([f(k[: hi * cs].view(hi, cs, *k.shape[1:]), 1) for k in state["k"]], 1)[lo:]
+
+    kmin, kmax = bound(torch.amin).to(torch.bfloat16), bound(torch.amax).to(torch.bfloat16)
+    held = first_scores[lo:hi].clone().float()  # largest share each chunk drew so far
+    picked = set(picked)
+
+    def build(gen):
+        keep = keep_of(picked)
+        cache = DynamicCache()
+        for l, (k, v) in enumerate(zip(state["k"], state["v"])):
+            k, v = k.index_select(0, keep), v.index_select(0, keep)
+            if gen:
+                k, v = torch.cat([k, gen[l][0]]), torch.cat([v, gen[l][1]])
+            cache.update(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous(), l)
+        return cache, keep.numel()
+
+    cache, n_keep = build(None)
+    pos, tok = state["k"][0].shape[0], state["first"]
+    out, swaps = [tok], 0
+    with torch.no_grad():
+        while len(out) < n_new and tok not in eos:
+            logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[0, -1]
+            tok, pos = int(logits.argmax()), pos + 1
+            out.append(tok)
+            qs = [tap.q[i][0] for i in range(len(state["k"]))]
+            share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
+                     else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
+            torch.maximum(held, share, out=held)
+            swap = evidence_swap(share, held, torch.tensor([lo + i in picked for i in range(hi - lo)]))
+            if swap is not None:
+                picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
+                swaps += 1
+                gen = [(layer.keys[0, :, n_keep:].transpose(0, 1), layer.values[0, :, n_keep:].transpose(0, 1))
+                       for layer in cache.layers]
+                cache, n_keep = build(gen)
+    return out, swaps
 
 
 def needle_chunks(tok, text: str, answers: list[str], cs: int) -> list[list[int]]:
@@ -232,6 +291,9 @@ def main() -> None:
                          "a rule at another size than the preset's is reported as rule@size")
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"])
     ap.add_argument("--rows", type=int, default=64)
+    ap.add_argument("--reselect", nargs="*", default=[], choices=["exact", "quest"],
+                    help="also decode each rule with re-selection on evidence after every step "
+                         "(reported as rule+exact / rule+quest)")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -275,22 +337,35 @@ def main() -> None:
             needles = rec["needle_chunks"][cs] = needle_chunks(tok, s.prompt_text, s.answers, cs)
             for name in args.rules:
                 scores = torch.zeros(n, dtype=torch.float64)
-                if name == "served":  # the product's own code path, as the server runs it (rows=1)
-                    scores = attention_scores([q[-1:] for q in state["q"]], state["k"],
+                if name == "served":  # the product's own code path, as the server runs it
+                    scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"]], state["k"],
                                               [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi))
                 else:
                     scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
                                      else RULES[name](masses)).double()
                 sel = select_chunks(n, params, scores=scores)
                 res = set(sel.resident.tolist())
-                keep = torch.tensor([p for p in range(len(ids)) if p // cs in res or p >= n * cs])
-                out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
-                text = tok.decode(out, skip_special_tokens=True)
-                recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
+
+                def keep_of(chunks):
+                    return torch.tensor([p for p in range(len(ids)) if p // cs in chunks or p >= n * cs])
+
+                keep = keep_of(res)
                 label = name if cs == cfg.chunk_size else f"{name}@{cs}"
-                rec["rules"][label] = {"prediction": text, "score": string_match_all(text, s.answers),
-                                       "needle_recall": recall, "picked": sel.picked.tolist(),
-                                       "kv_ratio": len(keep) / len(ids)}
+                runs = [(label, None)] + [(f"{label}+{sig}", sig) for sig in args.reselect]
+                for run_label, sig in runs:
+                    swaps = 0
+                    if sig is None:
+                        out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
+                    else:
+                        forced = res - set(sel.picked.tolist())
+                        out, swaps = decode_reselect(
+                            model, tap, state, set(sel.picked.tolist()), lambda p: keep_of(p | forced), scores,
+                            sig, cs, lo, hi, s.max_new_tokens, eos)
+                    text = tok.decode(out, skip_special_tokens=True)
+                    recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
+                    rec["rules"][run_label] = {"prediction": text, "score": string_match_all(text, s.answers),
+                                               "needle_recall": recall, "picked": sel.picked.tolist(),
+                                               "kv_ratio": len(keep) / len(ids), "swaps": swaps}
         records.append(rec)
         print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
                           **{k: (v["score"], v.get("needle_recall")) for k, v in rec["rules"].items()}}), flush=True)

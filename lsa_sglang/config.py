@@ -22,6 +22,7 @@ ENSEMBLES = ("max", "mean")
 POLICIES = ("indexer", "recency", "random", "quest", "attention")
 KERNELS = ("auto", "torch", "triton", "flashinfer")
 LATER_WINDOWS = ("indexer", "carry")  # how the `attention` policy picks after window 0
+RESELECT = ("off", "quest")  # `attention` policy: re-selection on evidence after every decode step
 
 # Upper bounds: beyond them a count overflows the int64 tensors it ends up in (the selector,
 # the page layout) or a seed the torch generator (which also adds the chunk count to it).
@@ -113,6 +114,7 @@ class LSAConfig:
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
+    reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -179,6 +181,7 @@ class LSAConfig:
         need_choice("attention_later", LATER_WINDOWS)
         if self.swap_limit is not None:
             need_int("swap_limit", 0)
+        need_choice("reselect", RESELECT)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)
@@ -189,6 +192,11 @@ class LSAConfig:
     def recent_chunks(self) -> int:
         """Chunks covered by the recency tail (rounded up)."""
         return -(-self.recent_tokens // self.chunk_size)
+
+    @property
+    def reselects(self) -> bool:
+        """Re-selection on evidence is on (it needs the `attention` policy's window-0 scores)."""
+        return self.enabled and self.reselect != "off" and self.policy == "attention"
 
     @property
     def host_pool_bytes(self) -> int:

@@ -168,6 +168,8 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             )
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
+        if self.manager.wants_step_queries:  # re-selection on evidence reads them next step
+            self.manager.note_step_queries(layer.layer_id, q_, layer.scaling)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         if self._csr is not None:

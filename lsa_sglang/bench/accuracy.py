@@ -30,6 +30,8 @@ VARIANTS = {
     "attention-heads": ("attention", {"attention_per_head": True}),
     "attention-carry": ("attention", {"attention_later": "carry"}),
     "attention-swap-all": ("attention", {"swap_limit": None}),
+    "attention-reselect": ("attention", {"reselect": "quest"}),
+    "attention-no-reselect": ("attention", {"reselect": "off"}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 
@@ -97,7 +99,8 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
         peak, full = st.get("peak_device_kv_bytes", 0), st.get("full_kv_bytes", 0)
         rec.update(peak_device_kv_bytes=peak, full_kv_bytes=full, kv_ratio=(peak / full) if full else None,
                    lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
-                   fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"))
+                   fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"),
+                   reselections=st.get("reselections"))
     elif method.server == "stock":
         rec.update(kv_ratio=1.0, kv_source="stock keeps the full KV on the device")
     return rec

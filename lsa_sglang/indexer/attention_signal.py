@@ -78,3 +78,36 @@ def attention_scores(
     if best is not None:
         scores[lo:hi] = best.cpu()
     return scores
+
+
+def quest_shares(queries: Sequence[torch.Tensor], kmin: torch.Tensor, kmax: torch.Tensor,
+                 scales: Sequence[float]) -> torch.Tensor:
+    """What one decode step reads of chunks the device may not hold, from their key bounds: per
+    layer each head's softmax over the chunks' Quest bounds (``sum_d max(q_d kmin_d, q_d kmax_d)``,
+    no key in the chunk scores higher), summed over heads and renormalised, then the max over
+    layers, the same scale as `attention_scores`. ``queries``: per layer ``[H, D]``; ``kmin/kmax
+    [C, L, Hk, D]`` per chunk and layer (any float dtype). Returns ``[C]`` float32."""
+    if kmin.shape[0] == 0:
+        return torch.zeros(0)
+    best = None
+    for l, (q, scale) in enumerate(zip(queries, scales)):
+        lo, hi = kmin[:, l].float(), kmax[:, l].float()  # [C, Hk, D]
+        heads, kv_heads = q.shape[0], lo.shape[1]
+        qg = q.float().view(kv_heads, heads // kv_heads, -1)[None]  # [1, Hk, G, D]
+        bound = torch.maximum(qg * lo[:, :, None], qg * hi[:, :, None]).sum(-1)  # [C, Hk, G]
+        mass = torch.softmax(bound * scale, dim=0).sum(dim=(1, 2))
+        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
+        best = share if best is None else torch.maximum(best, share)
+    return best.cpu()
+
+
+def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
+    """Re-selection on evidence over candidate chunks: ``share`` what the last step read of each
+    (`quest_shares`), ``held`` the largest share each ever drew (its window-0 score, then every
+    step's), ``resident`` a bool mask. Returns ``(incoming, outgoing)`` indices when the step's
+    best non-resident chunk drew more than the weakest resident chunk ever did, else None."""
+    if bool(resident.all()) or not bool(resident.any()):
+        return None
+    incoming = int(torch.where(resident, torch.tensor(-1.0), share.float()).argmax())
+    outgoing = int(torch.where(resident, held.float(), torch.tensor(float("inf"))).argmin())
+    return (incoming, outgoing) if share[incoming] > held[outgoing] else None

@@ -42,6 +42,7 @@ from lsa_sglang.indexer import (
     needs_fallback,
     select_chunks,
 )
+from lsa_sglang.indexer.attention_signal import evidence_swap, quest_shares
 from lsa_sglang.indexer.selector import SCORED
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
@@ -71,6 +72,7 @@ class RequestStats:
     stall_seconds: float = 0.0
     indexer_seconds: float = 0.0
     fallbacks: int = 0
+    reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
     policy: str = "indexer"
@@ -101,6 +103,8 @@ class ChunkTable:
     keys: list[torch.Tensor] = field(default_factory=list)  # per chunk [L, Hk, Dh]
     kmin: list[torch.Tensor] = field(default_factory=list)
     kmax: list[torch.Tensor] = field(default_factory=list)
+    bounds: list[torch.Tensor] = field(default_factory=list)  # per chunk [2, all layers, Hk, Dh]: key min, max
+    held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
@@ -144,6 +148,11 @@ class LSAMemoryManager:
         # selection metadata on the device: mean, min and max key of each mirrored chunk at the
         # target layers (float32), counted in a request's device bytes
         self.meta_bytes = 3 * len(self.target_layers) * hk * dh * 4
+        # with `reselect` also every layer's key min and max (bfloat16): the Quest bound of chunks
+        # the device does not hold
+        self.bound_bytes = 2 * num_layers * hk * dh * 2
+        self._step_queries: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> ([B, H, D], scale)
+        self._step_rows: dict[int, int] = {}  # req_pool_idx -> its row of the last decode batch
         self.prefetcher = Prefetcher()
         self.tables: dict[int, ChunkTable] = {}
         self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
@@ -153,7 +162,7 @@ class LSAMemoryManager:
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
             "prefix_hit_tokens": 0, "host_chunks_shared": 0, "device_cells_saved": 0,
             "prefix_host_loaded_tokens": 0, "retracted_requests": 0, "host_waits": 0,
-            "sync_swaps": 0,
+            "sync_swaps": 0, "reselections": 0,
         }
         # Set whenever device memory goes back to SGLang (cells freed, tree pages unlocked);
         # the scheduler hook reopens admission on it (`take_returned_memory`).
@@ -172,6 +181,8 @@ class LSAMemoryManager:
         """Called once per decode forward, before any layer runs. Returns per request the
         table (None: dense) that attention reads from."""
         tables = []
+        queries, rows = self._step_queries, self._step_rows
+        self._step_queries, self._step_rows = {}, {}
         for i, (idx, seq_len, rid) in enumerate(zip(req_pool_indices, seq_lens, rids)):
             table = self.tables.get(idx)
             if table is not None and table.rid != rid:  # stale (released without our hook)
@@ -184,11 +195,25 @@ class LSAMemoryManager:
                 table.steps += 1
                 if table.steps >= table.config.tau:
                     self._boundary(table, seq_len)
+                elif table.config.reselects and idx in rows and queries:
+                    layers = sorted(queries)
+                    self._reselect(table, [queries[l][0][rows[idx]] for l in layers], [queries[l][1] for l in layers])
+            if table.config.reselects:
+                self._step_rows[idx] = i
             self._account(table, seq_len)
             tables.append(table if table.config.enabled else None)
         if self.config.poison_released:  # test mode: check every invariant every step
             self.check_integrity()
         return tables
+
+    @property
+    def wants_step_queries(self) -> bool:
+        """A request of this decode batch re-selects on evidence: attention hands its queries."""
+        return bool(self._step_rows)
+
+    def note_step_queries(self, layer: int, q: torch.Tensor, scale: float) -> None:
+        """One layer's decode queries ``[B, H, D]`` of this step, read at the next step."""
+        self._step_queries[layer] = (q.detach().clone(), scale)
 
     def _config_for(self, rid: str) -> LSAConfig:
         over = self.overrides.get(rid)
@@ -271,7 +296,7 @@ class LSAMemoryManager:
         """Serve the request densely: no device room to take its pages from the tree."""
         self.host.release(table.host_slots)
         table.host_slots, table.chain, table.resident = [], [], set()
-        table.keys, table.kmin, table.kmax = [], [], []
+        table.keys, table.kmin, table.kmax, table.bounds = [], [], [], []
         table.config = table.config.replace(enabled=False)
         table.stats.lsa_enabled = False
         table.stats.host_kv_bytes = 0
@@ -379,6 +404,51 @@ class LSAMemoryManager:
             self.server["fallbacks"] += 1
         return set(sel.resident.tolist())
 
+    def _reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float]) -> None:
+        """Re-selection on evidence after a decode step: the step's queries at every layer bound
+        what it read of each candidate chunk (`quest_shares`, from the key bounds); when the best
+        chunk not on the device drew more than the weakest resident one ever did, that one is
+        released and the other copied in now (a counted stall): one chunk per step, the set's
+        size unchanged."""
+        n = table.mirrored
+        cand = candidate_chunks(n, SelectionParams.from_config(table.config))
+        if len(cand) == 0 or len(table.bounds) < n:
+            return
+        lo, hi = int(cand[0]), int(cand[-1]) + 1
+        t = time.perf_counter()
+        if table.held is None or table.held.numel() < n:
+            held = torch.zeros(n)
+            prior = table.held if table.held is not None else table.window0_scores
+            if prior is not None:
+                held[: min(n, prior.numel())] = prior[:n].float()
+            table.held = held
+        bounds = torch.stack(table.bounds[lo:hi])  # [C, 2, L, Hk, Dh]
+        with torch.no_grad():
+            share = quest_shares(queries, bounds[:, 0], bounds[:, 1], scales)
+        held = table.held[lo:hi]
+        torch.maximum(held, share, out=held)
+        res = torch.tensor(sorted(table.resident), dtype=torch.int64)
+        inside = torch.zeros(hi - lo, dtype=torch.bool)
+        inside[res[(res >= lo) & (res < hi)] - lo] = True
+        swap = evidence_swap(share, held, inside)
+        dt = time.perf_counter() - t
+        table.stats.indexer_seconds += dt
+        self.server["indexer_seconds"] += dt
+        if swap is None:
+            return
+        incoming, outgoing = lo + swap[0], lo + swap[1]
+        t = time.perf_counter()
+        self._apply(table, table.resident - {outgoing}, {})
+        pages = self._alloc_pages(1)
+        if pages is None:  # only when a running request outgrew its reservation
+            self.server["alloc_denied"] += 1
+            return
+        self._load_now([table.host_slots[incoming]], pages)
+        self._set_rows(table.req_pool_idx, [incoming], pages)
+        table.resident.add(incoming)
+        self._count(table, reselections=1, stalls=1, stall_seconds=time.perf_counter() - t,
+                    chunks_copied=1, bytes_copied=self.page_bytes)
+
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0: the last `attention_rows` prompt tokens' attention at every layer
         (`indexer.attention_signal`), over the prompt's keys, all still on the device at admission."""
@@ -453,10 +523,11 @@ class LSAMemoryManager:
         shared = len(new) - len(misses)
         table.stats.host_chunks_shared += shared
         self.server["host_chunks_shared"] += shared
-        for key, kmin, kmax in keys:
+        for key, kmin, kmax, bounds in keys:
             table.keys.append(key)
             table.kmin.append(kmin)
             table.kmax.append(kmax)
+            table.bounds.append(bounds)
         table.host_slots.extend(slots)
         if chain is not None:
             table.chain = chain[:complete]
@@ -473,13 +544,18 @@ class LSAMemoryManager:
         return prefix_hashes(tokens, self.cs, complete, req.extra_key, req.cache_salt, table.chain)
 
     def _chunk_keys(self, pages: torch.Tensor):
-        """Frozen keys of whole chunks at the target layers: mean, min, max post-RoPE key."""
-        ks = []
-        for layer in self.target_layers:
-            k = self.k_buffers[layer]
-            ks.append(k.view(-1, self.cs, *k.shape[1:]).index_select(0, pages).float())
-        k = torch.stack(ks, dim=1)  # [N, L, cs, Hk, Dh]
-        return k.mean(2), k.amin(2), k.amax(2)
+        """Frozen keys of whole chunks: mean, min, max post-RoPE key at the target layers
+        (``[N, L, Hk, Dh]`` float32) and every layer's key min and max ``[N, 2, all layers, Hk,
+        Dh]`` (bfloat16, for `reselect`); one layer's keys gathered at a time."""
+        target, bounds = {}, []
+        for layer, kb in enumerate(self.k_buffers):
+            k = kb.view(-1, self.cs, *kb.shape[1:]).index_select(0, pages)  # [N, cs, Hk, Dh]
+            lo, hi = k.amin(1), k.amax(1)
+            bounds.append(torch.stack([lo, hi], dim=1).to(torch.bfloat16))
+            if layer in self.target_layers:
+                target[layer] = (k.float().mean(1), lo.float(), hi.float())
+        mean, kmin, kmax = (torch.stack([target[l][i] for l in self.target_layers], dim=1) for i in range(3))
+        return mean, kmin, kmax, torch.stack(bounds, dim=2)
 
     def _page_slots(self, pages: list[int]) -> torch.Tensor:
         p = torch.tensor(pages, dtype=torch.int64, device=self.device)
@@ -507,14 +583,15 @@ class LSAMemoryManager:
         self.returned_memory = True
 
     def _apply(self, table: ChunkTable, resident: set[int], new_pages: dict[int, int]) -> None:
-        """Swap `resident` in: prefetched cells become visible, evicted ones are released."""
+        """Swap `resident` in: prefetched cells become visible, evicted ones are released (and a
+        prefetched copy of a chunk that became resident meanwhile, by re-selection)."""
         idx = table.req_pool_idx
         evict = sorted(table.resident - resident)
         row = self.req_to_token[idx]
         evicted_pages = [int(row[c * self.cs]) // self.cs for c in evict]
         self._set_rows(idx, evict, None)
-        self._free_pages(evicted_pages)
-        arrive = sorted(new_pages)
+        self._free_pages(evicted_pages + [p for c, p in new_pages.items() if c in table.resident])
+        arrive = sorted(c for c in new_pages if c not in table.resident)
         self._set_rows(idx, arrive, [new_pages[c] for c in arrive])
         table.resident = (table.resident - set(evict)) | set(arrive)
 
@@ -585,7 +662,8 @@ class LSAMemoryManager:
         else:
             pending = len(table.pending.new_pages) if table.pending else 0
             device_pages = len(table.resident) + (total_pages - table.mirrored) + pending
-        st.selection_metadata_bytes = table.mirrored * self.meta_bytes if table.config.enabled else 0
+        meta = self.meta_bytes + (self.bound_bytes if table.config.reselects else 0)
+        st.selection_metadata_bytes = table.mirrored * meta if table.config.enabled else 0
         st.device_kv_bytes = device_pages * self.page_bytes + st.selection_metadata_bytes
         st.peak_device_kv_bytes = max(st.peak_device_kv_bytes, st.device_kv_bytes)
         st.resident_ratio = st.device_kv_bytes / max(st.full_kv_bytes, 1)

@@ -93,9 +93,12 @@ def test_gate_off_exact(lsa_server, stock_server):
     off = greedy(lsa_server, ids, lsa={"enabled": False})["output_ids"]
     everything = greedy(lsa_server, ids, lsa={"page_budget": 1000})["output_ids"]
     everything_by_attention = greedy(lsa_server, ids, lsa={"policy": "attention", "page_budget": 1000})["output_ids"]
+    everything_reselecting = greedy(
+        lsa_server, ids, lsa={"policy": "attention", "page_budget": 1000, "reselect": "quest"})["output_ids"]
     assert off == stock
     assert everything == stock
     assert everything_by_attention == stock
+    assert everything_reselecting == stock
 
 
 def test_footprint_at_7k_and_finite_outputs(lsa_server, baseline):
@@ -215,6 +218,26 @@ def test_later_windows_carry_and_swap_limit(lsa_server):
     assert copied["carry"] == 0 and copied["indexer"] > 0, copied
     assert copied["quest"] > got["quest"]["windows"] and 1 <= copied["quest, limit 1"] <= got["quest"]["windows"], copied
     assert got["quest, limit 1"]["peak_device_kv_bytes"] < got["quest"]["peak_device_kv_bytes"]
+
+
+def test_reselect_on_evidence_swaps_in_place(lsa_server, baseline):
+    """`reselect: quest` swaps a chunk in after a step whose queries bounded it above the weakest
+    resident one: counted, copied synchronously into a cell the evicted chunk gave back, only
+    resident cells read (released cells are NaN in the test preset: a stale read makes the
+    logprobs NaN), every layer's key bounds counted as metadata, no cell left behind."""
+    ids = haystack_ids(lsa_server, 3000, seed=9)
+    got = {}
+    for mode in ("off", "quest"):
+        out = greedy(lsa_server, ids, n=24, lsa={"policy": "attention", "reselect": mode}, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        got[mode] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    on, off = got["quest"], got["off"]
+    assert off["reselections"] == 0 and on["reselections"] >= 1, (on, off)
+    assert on["stalls"] >= on["reselections"] and on["chunks_copied"] >= on["reselections"]
+    assert on["selection_metadata_bytes"] > off["selection_metadata_bytes"]
+    after = wait_idle(lsa_server, flush=True)["server"]
+    assert after["reselections"] >= on["reselections"]
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 
 def test_host_mirror_admission_queues(lsa_server, baseline):

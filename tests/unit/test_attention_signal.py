@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
+from lsa_sglang.indexer.attention_signal import evidence_swap, quest_shares
 
 
 def _loop_mass(q, k, scale, n_chunks, cs):
@@ -149,3 +150,36 @@ def test_query_rows_carry_over_a_chunked_prefill_and_never_across_requests():
     # one row wanted: only the last prompt token's, beside a request that wants none
     capture.record_queries(0, q[:30], [3, 4], ["c", "d"], torch.tensor([19, 29]), [1, 1], [1, 0], 0.5)
     assert capture.take_queries(3)[0][0].flatten().tolist() == [19.0] and capture.take_queries(4) is None
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_quest_shares_match_the_definition_and_bound_the_keys(heads, kv_heads):
+    g = torch.Generator().manual_seed(heads)
+    n, cs, layers, d = 6, 5, 3, 8
+    keys = torch.randn(n, cs, layers, kv_heads, d, generator=g)
+    kmin, kmax = keys.amin(1), keys.amax(1)
+    queries = [torch.randn(heads, d, generator=g) for _ in range(layers)]
+    got = quest_shares(queries, kmin, kmax, [0.3] * layers)
+    want = torch.zeros(n, dtype=torch.float64)
+    for l, q in enumerate(queries):
+        mass = torch.zeros(n, dtype=torch.float64)
+        for h in range(heads):
+            grp = h // (heads // kv_heads)
+            bound = []
+            for c in range(n):
+                corners = [max(float(q[h, i] * kmin[c, l, grp, i]), float(q[h, i] * kmax[c, l, grp, i])) for i in range(d)]
+                bound.append(sum(corners))
+                assert all(float(q[h] @ keys[c, t, l, grp]) <= bound[-1] + 1e-5 for t in range(cs))  # an upper bound
+            mass += torch.softmax(torch.tensor(bound, dtype=torch.float64) * 0.3, 0)
+        want = torch.maximum(want, mass / mass.sum())
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_evidence_swap_takes_the_best_outsider_for_the_weakest_insider():
+    resident = torch.tensor([True, True, False, False, True])
+    held = torch.tensor([0.30, 0.05, 0.20, 0.00, 0.50])  # chunk 1 is the weakest resident one
+    assert evidence_swap(torch.tensor([0.1, 0.0, 0.04, 0.06, 0.2]), held, resident) == (3, 1)
+    # the outsider must beat what the weakest resident chunk ever drew, not what it draws now
+    assert evidence_swap(torch.tensor([0.1, 0.0, 0.05, 0.04, 0.2]), held, resident) is None
+    assert evidence_swap(torch.rand(5), held, torch.ones(5, dtype=torch.bool)) is None
+    assert evidence_swap(torch.rand(5), held, torch.zeros(5, dtype=torch.bool)) is None

@@ -25,6 +25,7 @@ BAD_VALUES = {
     "attention_per_head": ["yes", 1, None],
     "attention_later": ["quest", "", None, 1],
     "swap_limit": [-1, 1.5, "2", True, 2**31],
+    "reselect": ["exact", "", None, True],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
     "seed": [-1, 1.5, 2**32, 2**64 - 1],
