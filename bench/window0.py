@@ -36,7 +36,7 @@ from lsa_sglang.bench.scoring import string_match_all
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import attention_scores, evidence_swap, layer_chunk_mass, quest_shares
-from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, select_chunks
+from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 
 def load(model_path: str):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -109,9 +109,8 @@ def exact_shares(qs, state, cs: int, lo: int, hi: int) -> torch.Tensor:
     of the step's query over the prompt (heads summed), renormalised over the candidates, max over
     layers (the upper bound for any signal a server can keep for chunks it does not hold)."""
     best = torch.zeros(hi - lo)
-    t = state["k"][0].shape[0]
-    for l, q in enumerate(qs):
-        best = torch.maximum(best, _share(layer_chunk_mass(q, state["k"][l][:t], q.shape[-1] ** -0.5, hi, cs)[lo:hi]))
+    for q, k in zip(qs, state["k"]):
+        best = torch.maximum(best, _share(layer_chunk_mass(q, k, q.shape[-1] ** -0.5, hi, cs)[lo:hi]))
     return best
 
 
@@ -153,7 +152,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
                      else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
             torch.maximum(held, share, out=held)
-            swap = evidence_swap(share, held, torch.tensor([lo + i in picked for i in range(hi - lo)]))
+            swap = evidence_swap(share, held, member_mask(picked, lo, hi))
             if swap is not None:
                 picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
                 swaps += 1

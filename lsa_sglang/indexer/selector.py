@@ -93,6 +93,14 @@ def candidate_chunks(n_chunks: int, params: SelectionParams) -> torch.Tensor:
     return torch.arange(lo, hi, dtype=torch.int64)
 
 
+def member_mask(chunks, lo: int, hi: int) -> torch.Tensor:
+    """``[hi - lo]`` bool: which of the chunk ids ``lo..hi-1`` are in `chunks` (a tensor or a set)."""
+    ids = torch.as_tensor(sorted(chunks) if isinstance(chunks, (set, frozenset)) else chunks, dtype=torch.int64)
+    mask = torch.zeros(hi - lo, dtype=torch.bool)
+    mask[ids[(ids >= lo) & (ids < hi)] - lo] = True
+    return mask
+
+
 def _check_scores(scores: torch.Tensor | None, n_chunks: int, policy: str) -> torch.Tensor:
     if scores is None:
         raise ValueError(f"policy {policy!r} needs scores for the {n_chunks} chunks")
@@ -133,8 +141,9 @@ def select_chunks(
     ignored by "recency" and "random". `rng`: a torch.Generator or int seed, required by "random"
     (explicit so baselines are reproducible). `widen`: the needle fallback (see `needs_fallback`);
     honoured only for the indexer policy and when ``params.needle_fallback`` is on. `held`: chunk
-    ids resident now; with `swap_limit` the kept pages include at most that many pages not wholly
-    held (the policy's best), the rest are the policy's best held pages (None: no limit).
+    ids resident now (a tensor or a set); with `swap_limit` the kept pages include at most that
+    many pages not wholly held (the policy's best), the rest are the policy's best held pages
+    (None: no limit).
     """
     if n_chunks < 0:
         raise ValueError(f"n_chunks must be >= 0, got {n_chunks}")
@@ -187,10 +196,8 @@ def select_chunks(
     keep = order[:n_keep]
     if held is not None and swap_limit is not None:
         # a page is held when every candidate chunk of it is resident
-        in_range = torch.zeros(hi - lo, dtype=torch.bool)
-        h = torch.as_tensor(held, dtype=torch.int64).reshape(-1)
-        in_range[h[(h >= lo) & (h < hi)] - lo] = True
-        missing = torch.zeros(n_pages, dtype=torch.int64).index_add_(0, local, (~in_range).to(torch.int64))
+        outside = (~member_mask(held, lo, hi)).to(torch.int64)
+        missing = torch.zeros(n_pages, dtype=torch.int64).index_add_(0, local, outside)
         is_held = (missing == 0).index_select(0, order)
         incoming = keep[~is_held[:n_keep]][:swap_limit]
         keep = torch.cat([incoming, order[is_held][: n_keep - incoming.numel()]])

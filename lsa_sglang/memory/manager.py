@@ -43,7 +43,7 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import evidence_swap, quest_shares
-from lsa_sglang.indexer.selector import SCORED
+from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
 from lsa_sglang.memory.prefetcher import Prefetcher
@@ -103,7 +103,7 @@ class ChunkTable:
     keys: list[torch.Tensor] = field(default_factory=list)  # per chunk [L, Hk, Dh]
     kmin: list[torch.Tensor] = field(default_factory=list)
     kmax: list[torch.Tensor] = field(default_factory=list)
-    bounds: list[torch.Tensor] = field(default_factory=list)  # per chunk [2, all layers, Hk, Dh]: key min, max
+    bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
@@ -296,7 +296,7 @@ class LSAMemoryManager:
         """Serve the request densely: no device room to take its pages from the tree."""
         self.host.release(table.host_slots)
         table.host_slots, table.chain, table.resident = [], [], set()
-        table.keys, table.kmin, table.kmax, table.bounds = [], [], [], []
+        table.keys, table.kmin, table.kmax, table.bounds = [], [], [], None
         table.config = table.config.replace(enabled=False)
         table.stats.lsa_enabled = False
         table.stats.host_kv_bytes = 0
@@ -397,7 +397,7 @@ class LSAMemoryManager:
         )
         sel = select_chunks(
             n, params, scores=scores, rng=config.seed + n, widen=widen,
-            held=None if held is None else torch.tensor(sorted(held), dtype=torch.int64), swap_limit=config.swap_limit,
+            held=held, swap_limit=config.swap_limit,
         )
         if sel.fallback:
             table.stats.fallbacks += 1
@@ -412,7 +412,7 @@ class LSAMemoryManager:
         size unchanged."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
-        if len(cand) == 0 or len(table.bounds) < n:
+        if len(cand) == 0:
             return
         lo, hi = int(cand[0]), int(cand[-1]) + 1
         t = time.perf_counter()
@@ -422,15 +422,11 @@ class LSAMemoryManager:
             if prior is not None:
                 held[: min(n, prior.numel())] = prior[:n].float()
             table.held = held
-        bounds = torch.stack(table.bounds[lo:hi])  # [C, 2, L, Hk, Dh]
         with torch.no_grad():
-            share = quest_shares(queries, bounds[:, 0], bounds[:, 1], scales)
+            share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
         torch.maximum(held, share, out=held)
-        res = torch.tensor(sorted(table.resident), dtype=torch.int64)
-        inside = torch.zeros(hi - lo, dtype=torch.bool)
-        inside[res[(res >= lo) & (res < hi)] - lo] = True
-        swap = evidence_swap(share, held, inside)
+        swap = evidence_swap(share, held, member_mask(table.resident, lo, hi))
         dt = time.perf_counter() - t
         table.stats.indexer_seconds += dt
         self.server["indexer_seconds"] += dt
@@ -523,11 +519,12 @@ class LSAMemoryManager:
         shared = len(new) - len(misses)
         table.stats.host_chunks_shared += shared
         self.server["host_chunks_shared"] += shared
-        for key, kmin, kmax, bounds in keys:
+        for key, kmin, kmax, _ in keys:
             table.keys.append(key)
             table.kmin.append(kmin)
             table.kmax.append(kmax)
-            table.bounds.append(bounds)
+        new_bounds = torch.stack([b for *_, b in keys])
+        table.bounds = new_bounds if table.bounds is None else torch.cat([table.bounds, new_bounds])
         table.host_slots.extend(slots)
         if chain is not None:
             table.chain = chain[:complete]
