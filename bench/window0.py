@@ -288,11 +288,16 @@ def main() -> None:
     ap.add_argument("--chunks", type=int, nargs="+", default=None,
                     help="chunk sizes to judge every rule at, equal device tokens (default: the preset's); "
                          "a rule at another size than the preset's is reported as rule@size")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="page_budget/recent_tokens pairs to judge every rule at, the preset's chunk size "
+                         "(e.g. 9/256 12/128); a shape other than the preset's is reported as rule[pages/recent]")
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"])
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[], choices=["exact", "quest"],
                     help="also decode each rule with re-selection on evidence after every step "
                          "(reported as rule+exact / rule+quest)")
+    ap.add_argument("--reselect-only", action="store_true",
+                    help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -300,7 +305,15 @@ def main() -> None:
     cfg = read_preset(args.preset)[0]
     if args.budget is not None:
         cfg = cfg.replace(page_budget=args.budget)
-    sizes = args.chunks or [cfg.chunk_size]
+    variants = [(cs, equal_bytes(cfg, cs), "" if cs == cfg.chunk_size else f"@{cs}")
+                for cs in args.chunks or [cfg.chunk_size]]
+    if args.shapes:
+        variants = []
+        for shape in args.shapes:
+            pages, recent = (int(x) for x in shape.split("/"))
+            mine = pages == cfg.page_budget and recent == cfg.recent_tokens
+            variants.append((cfg.chunk_size, SelectionParams.from_config(
+                cfg.replace(page_budget=pages, recent_tokens=recent)), "" if mine else f"[{shape}]"))
     path = str(model_path_or_fetch(args.model))
     tok, model = load(path)
     tap = QueryTap(model, args.rows)
@@ -327,8 +340,7 @@ def main() -> None:
                "prefill_s": round(t_pre, 1), "rules": {}}
         text = tok.decode(dense, skip_special_tokens=True)
         rec["rules"]["dense"] = {"prediction": text, "score": string_match_all(text, s.answers)}
-        for cs in sizes:
-            params = equal_bytes(cfg, cs)
+        for cs, params, suffix in variants:
             n = len(ids) // cs
             cand = candidate_chunks(n, params)
             lo, hi = int(cand[0]), int(cand[-1]) + 1
@@ -336,9 +348,11 @@ def main() -> None:
             needles = rec["needle_chunks"][cs] = needle_chunks(tok, s.prompt_text, s.answers, cs)
             for name in args.rules:
                 scores = torch.zeros(n, dtype=torch.float64)
-                if name == "served":  # the product's own code path, as the server runs it
+                if name.startswith("served"):  # the product's own code path, as the server runs it
+                    spill = int(name.removeprefix("served-spill") or 0) if name != "served" else 0
                     scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"]], state["k"],
-                                              [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi))
+                                              [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi),
+                                              spill=spill)
                 else:
                     scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
                                      else RULES[name](masses)).double()
@@ -349,8 +363,9 @@ def main() -> None:
                     return torch.tensor([p for p in range(len(ids)) if p // cs in chunks or p >= n * cs])
 
                 keep = keep_of(res)
-                label = name if cs == cfg.chunk_size else f"{name}@{cs}"
-                runs = [(label, None)] + [(f"{label}+{sig}", sig) for sig in args.reselect]
+                label = name + suffix
+                runs = [] if args.reselect_only and args.reselect else [(label, None)]
+                runs += [(f"{label}+{sig}", sig) for sig in args.reselect]
                 for run_label, sig in runs:
                     swaps = 0
                     if sig is None:

@@ -21,12 +21,13 @@ _BLOCK_ELEMENTS = 1 << 25  # logits per block of query rows (128 MiB in fp32)
 
 
 def layer_chunk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, n_chunks: int, chunk_size: int,
-                     per_head: bool = False) -> torch.Tensor:
+                     per_head: bool = False, spill: int = 0) -> torch.Tensor:
     """Attention mass per chunk of one layer: ``q [H, D]`` or ``[R, H, D]`` (post-RoPE, the last R
     tokens of the keys' sequence, row r at position ``T - R + r``) over ``k [T, Hk, D]``, softmax
     over the tokens each row sees, summed over rows and (unless `per_head`) heads, tokens pooled
     per complete chunk. Returns ``[n_chunks]`` or ``[H, n_chunks]`` float32 (GQA: head h reads KV
-    head h // (H // Hk))."""
+    head h // (H // Hk)). `spill`: a chunk also counts the mass of the last `spill` tokens of the
+    chunk before it (a fact whose words the rows attend at a chunk's end goes on in the next)."""
     if q.dim() == 2:
         q = q[None]
     rows, heads, dim = q.shape
@@ -48,7 +49,10 @@ def layer_chunk_mass(q: torch.Tensor, k: torch.Tensor, scale: float, n_chunks: i
             last = torch.arange(t - rows + r0, t - rows + r0 + logits.shape[2], device=k.device)
             logits = logits.masked_fill(pos[None, :] > last[:, None], float("-inf"))
         per_token += torch.softmax(logits, dim=-1).sum(dim=2).reshape(heads, t)
-    mass = per_token[:, : n_chunks * chunk_size].reshape(heads, n_chunks, chunk_size).sum(dim=2)
+    tokens = per_token[:, : n_chunks * chunk_size].reshape(heads, n_chunks, chunk_size)
+    mass = tokens.sum(dim=2)
+    if spill > 0 and n_chunks > 1:
+        mass[:, 1:] += tokens[:, :-1, chunk_size - spill :].sum(dim=2)
     return mass if per_head else mass.sum(dim=0)
 
 
@@ -60,6 +64,7 @@ def attention_scores(
     chunk_size: int,
     candidates: tuple[int, int],
     per_head: bool = False,
+    spill: int = 0,
 ) -> torch.Tensor:
     """Chunk scores ``[n_chunks]`` on the CPU: per layer (or per head) the chunk mass renormalised
     over the candidate range ``[lo, hi)``, then the max over layers (and heads); chunks outside
@@ -70,7 +75,7 @@ def attention_scores(
         return scores
     best = None
     for q, k, scale in zip(queries, keys, scales):
-        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, per_head)[..., lo:hi]
+        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, per_head, spill)[..., lo:hi]
         share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
         if per_head:
             share = share.max(dim=0).values

@@ -456,7 +456,7 @@ class LSAMemoryManager:
             return attention_scores(
                 [queries[l][0][-rows:] for l in layers], (self.k_buffers[l].index_select(0, slots) for l in layers),
                 [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
-                per_head=table.config.attention_per_head,
+                per_head=table.config.attention_per_head, spill=table.config.attention_spill,
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):

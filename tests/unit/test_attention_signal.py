@@ -35,6 +35,36 @@ def test_layer_mass_matches_the_definition(heads, kv_heads):
     assert float(got.sum()) <= heads + 1e-4  # the partial chunk's share is not counted
 
 
+@pytest.mark.parametrize("spill", [1, 3, 4])
+def test_spill_adds_the_previous_chunks_last_tokens(spill):
+    g = torch.Generator().manual_seed(spill)
+    cs, n = 4, 5
+    q = torch.randn(2, 8, generator=g)
+    k = torch.randn(n * cs + 2, 1, 8, generator=g)
+    per_token = _loop_mass(q, k, 0.35, n * cs, 1)
+    want = _loop_mass(q, k, 0.35, n, cs)
+    want[1:] += per_token.view(n, cs)[:-1, cs - spill :].sum(1)
+    torch.testing.assert_close(layer_chunk_mass(q, k, 0.35, n, cs, spill=spill).double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_spill_keeps_the_rest_of_a_fact_that_straddles_a_chunk_boundary():
+    """The rows attend to a key at the end of chunk 3 whose value lies in chunk 4; chunk 6 holds
+    a weaker look-alike. Without spill the one page left after chunk 3 goes to chunk 6 and the
+    value is lost; with it, to chunk 4."""
+    cs, n = 8, 10
+    q = torch.ones(1, 1)
+    logits = torch.zeros(n * cs)
+    logits[4 * cs - 2 :4 * cs] = 4.0  # the key, last two tokens of chunk 3
+    logits[6 * cs + 1] = 3.0  # the look-alike
+    keys = [logits.view(-1, 1, 1)]
+    params = SelectionParams(page_budget=2, sink_chunks=1, recent_chunks=2, policy="attention")
+    picks = {}
+    for spill in (0, 2):
+        s = attention_scores([q], keys, [1.0], n, cs, (1, n - 2), spill=spill)
+        picks[spill] = sorted(select_chunks(n, params, scores=s).picked.tolist())
+    assert picks == {0: [3, 6], 2: [3, 4]}
+
+
 def test_a_needle_seen_by_one_layer_wins_over_layers_that_look_local():
     """Both layers attend mostly to the recency tail (forced, not scored). Layer 0 leaves a bit
     more on chunk 5; layer 1, a 'retrieval head', leaves less raw mass but all of it on one

@@ -121,6 +121,7 @@ RULES = {
     "policy": lambda v: _in(v, POLICIES),
     "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
     "attention_per_head": lambda v: isinstance(v, bool),
+    "attention_spill": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "attention_later": lambda v: _in(v, LATER_WINDOWS),
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),
@@ -147,6 +148,8 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
     merged = {**(base or {}), **data}
     if merged.get("min_pages", 0) > merged.get("page_budget", 16):
         return {k for k in ("min_pages", "page_budget") if k in data} or {"min_pages"}
+    if merged.get("attention_spill", 0) > merged.get("chunk_size", 64):
+        return {"attention_spill"}
     return set()
 
 
