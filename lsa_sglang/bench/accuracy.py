@@ -28,7 +28,7 @@ VARIANTS = {
     "attention-last": ("attention", {"attention_rows": 1}),
     "attention-rows": ("attention", {"attention_rows": 64}),
     "attention-heads": ("attention", {"attention_per_head": True}),
-    "attention-no-spill": ("attention", {"attention_spill": 0}),
+    "attention-spill": ("attention", {"attention_spill": 16}),
     "attention-carry": ("attention", {"attention_later": "carry"}),
     "attention-swap-all": ("attention", {"swap_limit": None}),
     "attention-reselect": ("attention", {"reselect": "quest"}),
