@@ -290,8 +290,11 @@ def main() -> None:
                          "a rule at another size than the preset's is reported as rule@size")
     ap.add_argument("--shapes", nargs="+", default=None,
                     help="page_budget/recent_tokens pairs to judge every rule at, the preset's chunk size "
-                         "(e.g. 9/256 12/128); a shape other than the preset's is reported as rule[pages/recent]")
-    ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"])
+                         "(e.g. 9/256 12/128; instead of --chunks); a shape other than the preset's is reported as "
+                         "rule[pages/recent]")
+    ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"],
+                    help="served (the server's code path), served-spillN (with attention_spill N), "
+                         "oracle, or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[], choices=["exact", "quest"],
                     help="also decode each rule with re-selection on evidence after every step "
@@ -349,7 +352,7 @@ def main() -> None:
             for name in args.rules:
                 scores = torch.zeros(n, dtype=torch.float64)
                 if name.startswith("served"):  # the product's own code path, as the server runs it
-                    spill = int(name.removeprefix("served-spill") or 0) if name != "served" else 0
+                    spill = int(name.partition("-spill")[2] or 0)  # served-spill16: attention_spill 16
                     scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"]], state["k"],
                                               [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi),
                                               spill=spill)
