@@ -100,9 +100,10 @@ class ChunkTable:
     host_slots: list[int] = field(default_factory=list)  # index = chunk id
     chain: list[bytes] = field(default_factory=list)  # prefix hash of each mirrored chunk
     resident: set[int] = field(default_factory=set)  # mirrored chunks with a device cell
-    keys: list[torch.Tensor] = field(default_factory=list)  # per chunk [L, Hk, Dh]
-    kmin: list[torch.Tensor] = field(default_factory=list)
-    kmax: list[torch.Tensor] = field(default_factory=list)
+    # per mirrored chunk, grown as chunks are mirrored (None before the first):
+    keys: torch.Tensor | None = None  # [mirrored, L, Hk, Dh] mean key at the target layers
+    kmin: torch.Tensor | None = None  # [mirrored, L, Hk, Dh] key min at the target layers
+    kmax: torch.Tensor | None = None
     bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
     steps: int = 0  # decode steps since the last window boundary
@@ -296,7 +297,7 @@ class LSAMemoryManager:
         """Serve the request densely: no device room to take its pages from the tree."""
         self.host.release(table.host_slots)
         table.host_slots, table.chain, table.resident = [], [], set()
-        table.keys, table.kmin, table.kmax, table.bounds = [], [], [], None
+        table.keys = table.kmin = table.kmax = table.bounds = None
         table.config = table.config.replace(enabled=False)
         table.stats.lsa_enabled = False
         table.stats.host_kv_bytes = 0
@@ -460,17 +461,15 @@ class LSAMemoryManager:
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
-        keys = torch.stack(table.keys)  # [N, L, Hk, Dh]
         pos = torch.tensor([position], device=hidden.device)
         with torch.no_grad():
             q, w = self.indexer(hidden[None].to(self.indexer_dtype), pos)
-            logits = self.indexer.layer_logits(q, w, keys.to(q.dtype))[0]  # [L, N]
+            logits = self.indexer.layer_logits(q, w, table.keys.to(q.dtype))[0]  # [L, N]
             if policy == "quest":
                 from lsa_sglang.indexer import quest_scores
 
-                kmin, kmax = torch.stack(table.kmin), torch.stack(table.kmax)
                 per_layer = torch.stack([
-                    quest_scores(q[0, l], kmin[:, l], kmax[:, l]) for l in range(q.shape[1])
+                    quest_scores(q[0, l], table.kmin[:, l], table.kmax[:, l]) for l in range(q.shape[1])
                 ])
                 scores = per_layer.max(dim=0).values
             else:
@@ -519,12 +518,11 @@ class LSAMemoryManager:
         shared = len(new) - len(misses)
         table.stats.host_chunks_shared += shared
         self.server["host_chunks_shared"] += shared
-        for key, kmin, kmax, _ in keys:
-            table.keys.append(key)
-            table.kmin.append(kmin)
-            table.kmax.append(kmax)
-        new_bounds = torch.stack([b for *_, b in keys])
-        table.bounds = new_bounds if table.bounds is None else torch.cat([table.bounds, new_bounds])
+        old = (table.keys, table.kmin, table.kmax, table.bounds)
+        grown = [torch.stack(parts) for parts in zip(*keys)]  # the new chunks' mean, kmin, kmax, bounds
+        table.keys, table.kmin, table.kmax, table.bounds = (
+            g if o is None else torch.cat([o, g]) for o, g in zip(old, grown)
+        )
         table.host_slots.extend(slots)
         if chain is not None:
             table.chain = chain[:complete]
