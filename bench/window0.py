@@ -128,6 +128,11 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     kmin, kmax = bound(torch.amin).to(torch.bfloat16), bound(torch.amax).to(torch.bfloat16)
     held = first_scores[lo:hi].clone().float()  # largest share each chunk drew so far
     picked = set(picked)
+    signal, _, gate = signal.partition("@")  # quest@G: no swap in the answer's first G steps
+    allowed = None
+    if signal.startswith("quest") and signal != "quest":  # questK: only window 0's top K may come in
+        allowed = torch.zeros(hi - lo, dtype=torch.bool)
+        allowed[torch.argsort(held, descending=True, stable=True)[: int(signal[5:])]] = True
 
     def build(gen):
         keep = keep_of(picked)
@@ -152,8 +157,8 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
                      else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
             torch.maximum(held, share, out=held)
-            swap = evidence_swap(share, held, member_mask(picked, lo, hi))
-            if swap is not None:
+            swap = evidence_swap(share, held, member_mask(picked, lo, hi), allowed)
+            if swap is not None and len(out) > int(gate or 0):
                 picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
                 swaps += 1
                 gen = [(layer.keys[0, :, n_keep:].transpose(0, 1), layer.values[0, :, n_keep:].transpose(0, 1))
@@ -296,9 +301,9 @@ def main() -> None:
                     help="served (the server's code path), served-spillN (with attention_spill N), "
                          "oracle, or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
-    ap.add_argument("--reselect", nargs="*", default=[], choices=["exact", "quest"],
-                    help="also decode each rule with re-selection on evidence after every step "
-                         "(reported as rule+exact / rule+quest)")
+    ap.add_argument("--reselect", nargs="*", default=[],
+                    help="also decode each rule with re-selection on evidence after every step: exact, quest, "
+                         "questK (only the rule's top K chunks may come in), any of them @G (no swap in the first G steps), reported as rule+exact / rule+quest")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")

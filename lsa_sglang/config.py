@@ -116,6 +116,7 @@ class LSAConfig:
     attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
+    reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -184,6 +185,7 @@ class LSAConfig:
         if self.swap_limit is not None:
             need_int("swap_limit", 0)
         need_choice("reselect", RESELECT)
+        need_int("reselect_after", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)

@@ -33,6 +33,7 @@ VARIANTS = {
     "attention-swap-all": ("attention", {"swap_limit": None}),
     "attention-reselect": ("attention", {"reselect": "quest"}),
     "attention-no-reselect": ("attention", {"reselect": "off"}),
+    "attention-reselect-after16": ("attention", {"reselect_after": 16}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 

@@ -106,13 +106,16 @@ def quest_shares(queries: Sequence[torch.Tensor], kmin: torch.Tensor, kmax: torc
     return best.cpu()
 
 
-def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
+def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tensor,
+                  allowed: torch.Tensor | None = None) -> tuple[int, int] | None:
     """Re-selection on evidence over candidate chunks: ``share`` what the last step read of each
     (`quest_shares`), ``held`` the largest share each ever drew (its window-0 score, then every
-    step's), ``resident`` a bool mask. Returns ``(incoming, outgoing)`` indices when the step's
-    best non-resident chunk drew more than the weakest resident chunk ever did, else None."""
-    if bool(resident.all()) or not bool(resident.any()):
+    step's), ``resident`` a bool mask, ``allowed`` (bool mask, None: all) the chunks that may come
+    in. Returns ``(incoming, outgoing)`` indices when the step's best allowed non-resident chunk
+    drew more than the weakest resident chunk ever did, else None."""
+    outside = ~resident if allowed is None else ~resident & allowed
+    if not bool(outside.any()) or not bool(resident.any()):
         return None
-    incoming = int(torch.where(resident, torch.tensor(-1.0), share.float()).argmax())
+    incoming = int(torch.where(outside, share.float(), torch.tensor(-1.0)).argmax())
     outgoing = int(torch.where(resident, held.float(), torch.tensor(float("inf"))).argmin())
     return (incoming, outgoing) if share[incoming] > held[outgoing] else None

@@ -198,7 +198,8 @@ class LSAMemoryManager:
                     self._boundary(table, seq_len)
                 elif table.config.reselects and idx in rows and queries:
                     layers = sorted(queries)
-                    self._reselect(table, [queries[l][0][rows[idx]] for l in layers], [queries[l][1] for l in layers])
+                    self._reselect(table, [queries[l][0][rows[idx]] for l in layers], [queries[l][1] for l in layers],
+                                   swap=seq_len - table.prompt_tokens > table.config.reselect_after)
             if table.config.reselects:
                 self._step_rows[idx] = i
             self._account(table, seq_len)
@@ -405,12 +406,12 @@ class LSAMemoryManager:
             self.server["fallbacks"] += 1
         return set(sel.resident.tolist())
 
-    def _reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float]) -> None:
+    def _reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float], swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
-        what it read of each candidate chunk (`quest_shares`, from the key bounds); when the best
-        chunk not on the device drew more than the weakest resident one ever did, that one is
-        released and the other copied in now (a counted stall): one chunk per step, the set's
-        size unchanged."""
+        what it read of each candidate chunk (`quest_shares`, from the key bounds); when `swap`
+        (the answer is past `reselect_after` tokens) and the best chunk not on the device drew
+        more than the weakest resident one ever did, that one is released and the other copied in
+        now (a counted stall): one chunk per step, the set's size unchanged."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
@@ -427,13 +428,13 @@ class LSAMemoryManager:
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
         torch.maximum(held, share, out=held)
-        swap = evidence_swap(share, held, member_mask(table.resident, lo, hi))
+        pair = evidence_swap(share, held, member_mask(table.resident, lo, hi)) if swap else None
         dt = time.perf_counter() - t
         table.stats.indexer_seconds += dt
         self.server["indexer_seconds"] += dt
-        if swap is None:
+        if pair is None:
             return
-        incoming, outgoing = lo + swap[0], lo + swap[1]
+        incoming, outgoing = lo + pair[0], lo + pair[1]
         t = time.perf_counter()
         self._apply(table, table.resident - {outgoing}, {})
         pages = self._alloc_pages(1)

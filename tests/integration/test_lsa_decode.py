@@ -227,12 +227,15 @@ def test_reselect_on_evidence_swaps_in_place(lsa_server, baseline):
     logprobs NaN), every layer's key bounds counted as metadata, no cell left behind."""
     ids = haystack_ids(lsa_server, 3000, seed=9)
     got = {}
-    for mode in ("off", "quest"):
-        out = greedy(lsa_server, ids, n=24, lsa={"policy": "attention", "reselect": mode}, logprobs=True)
+    for mode, after in (("off", 0), ("quest", 0), ("quest", 24)):
+        out = greedy(lsa_server, ids, n=24, lsa={"policy": "attention", "reselect": mode, "reselect_after": after},
+                     logprobs=True)
         assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
-        got[mode] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
-    on, off = got["quest"], got["off"]
+        got[mode, after] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    on, off, gated = got["quest", 0], got["off", 0], got["quest", 24]
     assert off["reselections"] == 0 and on["reselections"] >= 1, (on, off)
+    # `reselect_after: 24`: no swap while the answer has at most 24 tokens, the bounds still kept
+    assert gated["reselections"] == 0 and gated["selection_metadata_bytes"] == on["selection_metadata_bytes"]
     assert on["stalls"] >= on["reselections"] and on["chunks_copied"] >= on["reselections"]
     assert on["selection_metadata_bytes"] > off["selection_metadata_bytes"]
     after = wait_idle(lsa_server, flush=True)["server"]
