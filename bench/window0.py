@@ -303,7 +303,8 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[],
                     help="also decode each rule with re-selection on evidence after every step: exact, quest, "
-                         "questK (only the rule's top K chunks may come in), any of them @G (no swap in the first G steps), reported as rule+exact / rule+quest")
+                         "questK (only the rule's top K chunks may come in), any of them @G (no swap in the "
+                         "answer's first G tokens); reported as rule+quest, rule+quest14@16, ...")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")

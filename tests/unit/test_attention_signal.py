@@ -213,3 +213,8 @@ def test_evidence_swap_takes_the_best_outsider_for_the_weakest_insider():
     assert evidence_swap(torch.tensor([0.1, 0.0, 0.05, 0.04, 0.2]), held, resident) is None
     assert evidence_swap(torch.rand(5), held, torch.ones(5, dtype=torch.bool)) is None
     assert evidence_swap(torch.rand(5), held, torch.zeros(5, dtype=torch.bool)) is None
+    # `allowed`: only those outsiders may come in (chunk 3 barred, chunk 2 does not beat 0.05)
+    share = torch.tensor([0.1, 0.0, 0.04, 0.06, 0.2])
+    assert evidence_swap(share, held, resident, torch.tensor([True, True, True, False, True])) is None
+    assert evidence_swap(torch.tensor([0.1, 0.0, 0.07, 0.09, 0.2]), held, resident,
+                         torch.tensor([False, False, True, False, False])) == (2, 1)
