@@ -117,6 +117,7 @@ class LSAConfig:
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
+    reselect_edge: bool = False  # `reselect`: bring in the chunk after the one whose last token a step read most
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -186,6 +187,7 @@ class LSAConfig:
             need_int("swap_limit", 0)
         need_choice("reselect", RESELECT)
         need_int("reselect_after", 0)
+        need_bool("reselect_edge")
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)

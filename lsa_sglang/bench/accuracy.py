@@ -33,7 +33,8 @@ VARIANTS = {
     "attention-swap-all": ("attention", {"swap_limit": None}),
     "attention-reselect": ("attention", {"reselect": "quest"}),
     "attention-no-reselect": ("attention", {"reselect": "off"}),
-    "attention-reselect-after16": ("attention", {"reselect_after": 16}),
+    "attention-reselect-after0": ("attention", {"reselect_after": 0}),
+    "attention-edge": ("attention", {"reselect_edge": True}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 
@@ -102,7 +103,7 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
         rec.update(peak_device_kv_bytes=peak, full_kv_bytes=full, kv_ratio=(peak / full) if full else None,
                    lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
                    fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"),
-                   reselections=st.get("reselections"))
+                   reselections=st.get("reselections"), edge_reselections=st.get("edge_reselections"))
     elif method.server == "stock":
         rec.update(kv_ratio=1.0, kv_source="stock keeps the full KV on the device")
     return rec

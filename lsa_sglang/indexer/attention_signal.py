@@ -119,3 +119,36 @@ def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tenso
     incoming = int(torch.where(outside, share.float(), torch.tensor(-1.0)).argmax())
     outgoing = int(torch.where(resident, held.float(), torch.tensor(float("inf"))).argmin())
     return (incoming, outgoing) if share[incoming] > held[outgoing] else None
+
+
+def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], scales: Sequence[float],
+              watched: torch.Tensor) -> int:
+    """The token among ``watched`` (bool ``[T]``) that one decode step read most: per layer each
+    head's softmax over every token the step read (``keys`` per layer ``[T, Hk, D]``, ``queries``
+    per layer ``[H, D]``), summed over heads, restricted to the watched tokens and renormalised,
+    then the max over layers (window 0's scale, per token). Returns its index into ``T``."""
+    best = None
+    for q, k, scale in zip(queries, keys, scales):
+        heads, kv_heads = q.shape[0], k.shape[1]
+        qg = q.float().view(kv_heads, heads // kv_heads, -1)  # [Hk, G, D]
+        logits = torch.einsum("hgd,thd->hgt", qg, k.float()) * scale
+        mass = torch.softmax(logits, dim=-1).sum(dim=(0, 1))[watched]
+        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
+        best = share if best is None else torch.maximum(best, share)
+    return int(watched.nonzero()[int(best.argmax())])
+
+
+def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
+    """The straddle rule over candidate chunks: a fact cut by a chunk boundary is copied token by
+    token, so when the token a step read most is the last of resident chunk ``peak_chunk``
+    (``at_end``) and the chunk after it is a candidate not on the device, the next step needs
+    that chunk's first token. Returns ``(incoming, outgoing)``: that chunk, and the resident
+    chunk other than ``peak_chunk`` with the smallest ``held`` share; else None."""
+    nxt = peak_chunk + 1
+    if not at_end or nxt >= resident.numel() or bool(resident[nxt]):
+        return None
+    others = resident.clone()
+    others[peak_chunk] = False
+    if not bool(others.any()):
+        return None
+    return nxt, int(torch.where(others, held.float(), torch.tensor(float("inf"))).argmin())

@@ -42,7 +42,7 @@ from lsa_sglang.indexer import (
     needs_fallback,
     select_chunks,
 )
-from lsa_sglang.indexer.attention_signal import evidence_swap, quest_shares
+from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, step_peak
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
@@ -73,6 +73,7 @@ class RequestStats:
     indexer_seconds: float = 0.0
     fallbacks: int = 0
     reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
+    edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
     policy: str = "indexer"
@@ -163,7 +164,7 @@ class LSAMemoryManager:
             "alloc_denied": 0, "host_full": 0, "peak_device_kv_bytes": 0,
             "prefix_hit_tokens": 0, "host_chunks_shared": 0, "device_cells_saved": 0,
             "prefix_host_loaded_tokens": 0, "retracted_requests": 0, "host_waits": 0,
-            "sync_swaps": 0, "reselections": 0,
+            "sync_swaps": 0, "reselections": 0, "edge_reselections": 0,
         }
         # Set whenever device memory goes back to SGLang (cells freed, tree pages unlocked);
         # the scheduler hook reopens admission on it (`take_returned_memory`).
@@ -198,8 +199,8 @@ class LSAMemoryManager:
                     self._boundary(table, seq_len)
                 elif table.config.reselects and idx in rows and queries:
                     layers = sorted(queries)
-                    self._reselect(table, [queries[l][0][rows[idx]] for l in layers], [queries[l][1] for l in layers],
-                                   swap=seq_len - table.prompt_tokens > table.config.reselect_after)
+                    self._reselect(table, layers, [queries[l][0][rows[idx]] for l in layers],
+                                   [queries[l][1] for l in layers], swap=seq_len - table.prompt_tokens > table.config.reselect_after)
             if table.config.reselects:
                 self._step_rows[idx] = i
             self._account(table, seq_len)
@@ -406,12 +407,14 @@ class LSAMemoryManager:
             self.server["fallbacks"] += 1
         return set(sel.resident.tolist())
 
-    def _reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float], swap: bool) -> None:
+    def _reselect(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
+                  swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
         what it read of each candidate chunk (`quest_shares`, from the key bounds); when `swap`
         (the answer is past `reselect_after` tokens) and the best chunk not on the device drew
         more than the weakest resident one ever did, that one is released and the other copied in
-        now (a counted stall): one chunk per step, the set's size unchanged."""
+        now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
+        the straddle rule (`_edge`) goes first, from the answer's first step."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
@@ -428,7 +431,10 @@ class LSAMemoryManager:
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
         torch.maximum(held, share, out=held)
-        pair = evidence_swap(share, held, member_mask(table.resident, lo, hi)) if swap else None
+        resident = member_mask(table.resident, lo, hi)
+        pair = edge = self._edge(table, layers, queries, scales, lo, hi, resident) if table.config.reselect_edge else None
+        if pair is None and swap:
+            pair = evidence_swap(share, held, resident)
         dt = time.perf_counter() - t
         table.stats.indexer_seconds += dt
         self.server["indexer_seconds"] += dt
@@ -444,8 +450,25 @@ class LSAMemoryManager:
         self._load_now([table.host_slots[incoming]], pages)
         self._set_rows(table.req_pool_idx, [incoming], pages)
         table.resident.add(incoming)
-        self._count(table, reselections=1, stalls=1, stall_seconds=time.perf_counter() - t,
-                    chunks_copied=1, bytes_copied=self.page_bytes)
+        self._count(table, reselections=1, edge_reselections=int(edge is not None), stalls=1,
+                    stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.page_bytes)
+
+    def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
+              lo: int, hi: int, resident: torch.Tensor) -> tuple[int, int] | None:
+        """The straddle rule (`edge_swap`) on the token the last step read most among the
+        resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
+        the cells are all on the device)."""
+        cs = self.cs
+        pos = self.read_positions(table, table.seq_len)
+        chunk = pos // cs
+        watched = (chunk >= lo) & (chunk < hi)
+        if not bool(watched.any()):
+            return None
+        slots = self.req_to_token[table.req_pool_idx, pos].to(torch.int64)
+        with torch.no_grad():
+            peak = int(pos[step_peak(queries, (self.k_buffers[l].index_select(0, slots) for l in layers),
+                                     scales, watched)])
+        return edge_swap(peak // cs - lo, peak % cs == cs - 1, table.held[lo:hi], resident)
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0: the last `attention_rows` prompt tokens' attention at every layer

@@ -243,6 +243,45 @@ def test_reselect_on_evidence_swaps_in_place(lsa_server, baseline):
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 
+def straddle_ids(server, n_tokens: int, seed: int, chunk: int = 64) -> list[int]:
+    """A prompt of n_tokens tokens stating a code whose first 3 tokens end chunk 20 and whose
+    rest opens chunk 21 (a fact cut by a chunk boundary), ending with the code's key."""
+    rng = random.Random(seed)
+
+    def tok(text):
+        return requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]
+
+    words = tok(" ".join(rng.choice(WORDS) for _ in range(n_tokens)))
+    lead, code = tok(" The secret code is"), tok(" 7382-0459-1637.")
+    at = 21 * chunk - 3 - len(lead)
+    return (words[:at] + lead + code + words[at:])[: n_tokens - len(lead)] + lead
+
+
+def test_edge_rule_brings_in_the_rest_of_a_fact_cut_by_a_chunk_boundary(lsa_server, baseline):
+    """`reselect_edge`: at 2 pages window 0 holds chunk 20 (the key, the code's first tokens) but
+    not chunk 21 (the rest). Copying the code reads chunk 20's last token most, so chunk 21 is
+    swapped in (counted apart, copied synchronously, only resident cells read: released cells
+    are NaN) and the answer goes on with the code's end; without the rule it does not. The quest
+    rule is gated off for the whole answer, so every swap is the edge rule's."""
+    ids = straddle_ids(lsa_server, 3000, seed=11)
+    got = {}
+    for edge in (False, True):
+        lsa = {"policy": "attention", "page_budget": 2, "attention_later": "carry", "reselect": "quest",
+               "reselect_after": 64, "reselect_edge": edge}
+        out = greedy(lsa_server, ids, n=10, lsa=lsa, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+        got[edge] = out["text"], req
+    (off_text, off), (on_text, on) = got[False], got[True]
+    assert off["reselections"] == off["edge_reselections"] == 0, off
+    assert on["edge_reselections"] >= 1 and on["reselections"] == on["edge_reselections"], on
+    assert on["stalls"] >= on["reselections"] and on["chunks_copied"] >= on["reselections"]
+    assert "1637" in on_text and "1637" not in off_text, (on_text, off_text)
+    after = wait_idle(lsa_server, flush=True)["server"]
+    assert after["edge_reselections"] >= on["edge_reselections"]
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
+
+
 def test_host_mirror_admission_queues(lsa_server, baseline):
     """Three 3K-token prompts need 141 host chunks; the test pool holds 127: one waits in the
     queue until a mirror frees, and every answer equals the one served alone."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
-from lsa_sglang.indexer.attention_signal import evidence_swap, quest_shares
+from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, step_peak
 
 
 def _loop_mass(q, k, scale, n_chunks, cs):
@@ -218,3 +218,41 @@ def test_evidence_swap_takes_the_best_outsider_for_the_weakest_insider():
     assert evidence_swap(share, held, resident, torch.tensor([True, True, True, False, True])) is None
     assert evidence_swap(torch.tensor([0.1, 0.0, 0.07, 0.09, 0.2]), held, resident,
                          torch.tensor([False, False, True, False, False])) == (2, 1)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_step_peak_is_the_watched_token_read_most_at_any_layer(heads, kv_heads):
+    """step_peak against the definition written out: per layer each head's softmax over every
+    token, heads summed, restricted to the watched tokens and renormalised, max over layers."""
+    torch.manual_seed(5)
+    T, D, L = 40, 8, 3
+    watched = torch.zeros(T, dtype=torch.bool)
+    watched[5:30] = True
+    for trial in range(20):
+        qs = [torch.randn(heads, D) for _ in range(L)]
+        ks = [torch.randn(T, kv_heads, D) for _ in range(L)]
+        best = torch.zeros(T, dtype=torch.float64)
+        for q, k in zip(qs, ks):
+            mass = torch.zeros(T, dtype=torch.float64)
+            for h in range(heads):
+                logits = k[:, h // (heads // kv_heads)].double() @ q[h].double() * 0.4
+                mass += torch.softmax(logits, 0)
+            share = torch.where(watched, mass, torch.zeros(())) / mass[watched].sum()
+            best = torch.maximum(best, share)
+        assert step_peak(qs, ks, [0.4] * L, watched) == int(best.argmax()), trial
+    # a token outside the watched ones is never the answer, however much it draws
+    k = torch.zeros(T, 1, D)
+    k[2, 0] = 3.0
+    k[7, 0] = 1.0
+    assert step_peak([torch.ones(1, D)], [k], [1.0], watched) == 7
+
+
+def test_edge_swap_brings_in_the_chunk_after_a_peak_on_a_chunks_last_token():
+    held = torch.tensor([0.3, 0.1, 0.05, 0.2, 0.4])
+    resident = torch.tensor([True, True, False, True, False])
+    # peak on chunk 1's last token, chunk 2 absent: chunk 2 in, the weakest other resident (3) out
+    assert edge_swap(1, True, held, resident) == (2, 3)
+    assert edge_swap(1, False, held, resident) is None  # not the chunk's last token
+    assert edge_swap(0, True, held, resident) is None  # the next chunk is already resident
+    assert edge_swap(4, True, held, resident) is None  # no candidate after the last one
+    assert edge_swap(0, True, held, torch.tensor([True, False, False, False, False])) is None  # nothing to evict

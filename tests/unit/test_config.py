@@ -28,6 +28,7 @@ BAD_VALUES = {
     "swap_limit": [-1, 1.5, "2", True, 2**31],
     "reselect": ["exact", "", None, True],
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
+    "reselect_edge": ["true", 0, 1, None],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
     "seed": [-1, 1.5, 2**32, 2**64 - 1],

@@ -126,6 +126,7 @@ RULES = {
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
+    "reselect_edge": lambda v: isinstance(v, bool),
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,
