@@ -200,7 +200,8 @@ class LSAMemoryManager:
                 elif table.config.reselects and idx in rows and queries:
                     layers = sorted(queries)
                     self._reselect(table, layers, [queries[l][0][rows[idx]] for l in layers],
-                                   [queries[l][1] for l in layers], swap=seq_len - table.prompt_tokens > table.config.reselect_after)
+                                   [queries[l][1] for l in layers],
+                                   swap=seq_len - table.prompt_tokens > table.config.reselect_after)
             if table.config.reselects:
                 self._step_rows[idx] = i
             self._account(table, seq_len)
@@ -432,7 +433,8 @@ class LSAMemoryManager:
         held = table.held[lo:hi]
         torch.maximum(held, share, out=held)
         resident = member_mask(table.resident, lo, hi)
-        pair = edge = self._edge(table, layers, queries, scales, lo, hi, resident) if table.config.reselect_edge else None
+        edge = self._edge(table, layers, queries, scales, lo, hi, resident) if table.config.reselect_edge else None
+        pair = edge
         if pair is None and swap:
             pair = evidence_swap(share, held, resident)
         dt = time.perf_counter() - t
