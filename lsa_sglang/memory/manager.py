@@ -433,7 +433,7 @@ class LSAMemoryManager:
         held = table.held[lo:hi]
         torch.maximum(held, share, out=held)
         resident = member_mask(table.resident, lo, hi)
-        edge = self._edge(table, layers, queries, scales, lo, hi, resident) if table.config.reselect_edge else None
+        edge = self._edge(table, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge
         if pair is None and swap:
             pair = evidence_swap(share, held, resident)
@@ -456,7 +456,7 @@ class LSAMemoryManager:
                     stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.page_bytes)
 
     def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
-              lo: int, hi: int, resident: torch.Tensor) -> tuple[int, int] | None:
+              lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
         """The straddle rule (`edge_swap`) on the token the last step read most among the
         resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
         the cells are all on the device)."""
@@ -470,7 +470,7 @@ class LSAMemoryManager:
         with torch.no_grad():
             peak = int(pos[step_peak(queries, (self.k_buffers[l].index_select(0, slots) for l in layers),
                                      scales, watched)])
-        return edge_swap(peak // cs - lo, peak % cs == cs - 1, table.held[lo:hi], resident)
+        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident)
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0: the last `attention_rows` prompt tokens' attention at every layer
