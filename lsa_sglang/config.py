@@ -118,6 +118,7 @@ class LSAConfig:
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     reselect_edge: bool = False  # `reselect`: bring in the chunk after the one whose last token a step read most
+    edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -188,6 +189,7 @@ class LSAConfig:
         need_choice("reselect", RESELECT)
         need_int("reselect_after", 0)
         need_bool("reselect_edge")
+        need_int("edge_pages", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)
@@ -203,6 +205,11 @@ class LSAConfig:
     def reselects(self) -> bool:
         """Re-selection on evidence is on (it needs the `attention` policy's window-0 scores)."""
         return self.enabled and self.reselect != "off" and self.policy == "attention"
+
+    @property
+    def extra_edge_chunks(self) -> int:
+        """Chunks the straddle rule may hold beyond the selection budget (`edge_pages`)."""
+        return self.edge_pages * self.chunks_per_page if self.reselects and self.reselect_edge else 0
 
     @property
     def host_pool_bytes(self) -> int:

@@ -35,6 +35,8 @@ VARIANTS = {
     "attention-no-reselect": ("attention", {"reselect": "off"}),
     "attention-reselect-after0": ("attention", {"reselect_after": 0}),
     "attention-edge": ("attention", {"reselect_edge": True}),
+    "attention-edge-page": ("attention", {"reselect_edge": True, "edge_pages": 1}),
+    "attention-edge-page-b8": ("attention", {"reselect_edge": True, "edge_pages": 1, "page_budget": 8}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 

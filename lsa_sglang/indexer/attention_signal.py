@@ -138,15 +138,22 @@ def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], sca
     return int(watched.nonzero()[int(best.argmax())])
 
 
-def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
+def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor, *,
+              spare: bool = False, slot: int | None = None) -> tuple[int, int | None] | None:
     """The straddle rule over candidate chunks: a fact cut by a chunk boundary is copied token by
     token, so when the token a step read most is the last of resident chunk ``peak_chunk``
     (``at_end``) and the chunk after it is a candidate not on the device, the next step needs
-    that chunk's first token. Returns ``(incoming, outgoing)``: that chunk, and the resident
-    chunk other than ``peak_chunk`` with the smallest ``held`` share; else None."""
+    that chunk's first token. Returns ``(incoming, outgoing)``: that chunk, and what makes room
+    for it: nothing (None) when a ``spare`` page is free; else ``slot`` (the chunk an earlier
+    straddle brought in) when it is resident and not ``peak_chunk``; else the resident chunk
+    other than ``peak_chunk`` with the smallest ``held`` share. None when the rule does not fire."""
     nxt = peak_chunk + 1
     if not at_end or nxt >= resident.numel() or bool(resident[nxt]):
         return None
+    if spare:
+        return nxt, None
+    if slot is not None and slot != peak_chunk and 0 <= slot < resident.numel() and bool(resident[slot]):
+        return nxt, slot
     others = resident.clone()
     others[peak_chunk] = False
     if not bool(others.any()):

@@ -107,6 +107,7 @@ class ChunkTable:
     kmax: torch.Tensor | None = None
     bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
+    edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
@@ -415,7 +416,8 @@ class LSAMemoryManager:
         (the answer is past `reselect_after` tokens) and the best chunk not on the device drew
         more than the weakest resident one ever did, that one is released and the other copied in
         now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
-        the straddle rule (`_edge`) goes first, from the answer's first step."""
+        the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
+        it may grow the set by that many pages)."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
@@ -442,9 +444,10 @@ class LSAMemoryManager:
         self.server["indexer_seconds"] += dt
         if pair is None:
             return
-        incoming, outgoing = lo + pair[0], lo + pair[1]
+        incoming, outgoing = lo + pair[0], None if pair[1] is None else lo + pair[1]
         t = time.perf_counter()
-        self._apply(table, table.resident - {outgoing}, {})
+        if outgoing is not None:
+            self._apply(table, table.resident - {outgoing}, {})
         pages = self._alloc_pages(1)
         if pages is None:  # only when a running request outgrew its reservation
             self.server["alloc_denied"] += 1
@@ -452,15 +455,26 @@ class LSAMemoryManager:
         self._load_now([table.host_slots[incoming]], pages)
         self._set_rows(table.req_pool_idx, [incoming], pages)
         table.resident.add(incoming)
+        if edge is not None and table.config.extra_edge_chunks:
+            table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
         self._count(table, reselections=1, edge_reselections=int(edge is not None), stalls=1,
                     stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.page_bytes)
 
     def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
-              lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int] | None:
+              lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:
         """The straddle rule (`edge_swap`) on the token the last step read most among the
         resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
-        the cells are all on the device)."""
+        the cells are all on the device). With `edge_pages` the chunk it brings in takes a page
+        beyond the budget while one is free, else the page of the oldest chunk it brought in
+        that is still resident."""
         cs = self.cs
+        extra = table.config.extra_edge_chunks
+        spare = slot = None
+        if extra:
+            budget = device_budget_chunks(SelectionParams.from_config(table.config))
+            spare = len(table.resident) < budget + extra
+            table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
+            slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
         pos = self.read_positions(table, table.seq_len)
         chunk = pos // cs
         watched = (chunk >= lo) & (chunk < hi)
@@ -470,7 +484,7 @@ class LSAMemoryManager:
         with torch.no_grad():
             peak = int(pos[step_peak(queries, (self.k_buffers[l].index_select(0, slots) for l in layers),
                                      scales, watched)])
-        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident)
+        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=bool(spare), slot=slot)
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0: the last `attention_rows` prompt tokens' attention at every layer
@@ -832,7 +846,8 @@ class LSAMemoryManager:
         tail = table.seq_len - table.mirrored * cs  # unmirrored tokens now
         held = len(table.resident) + pending + -(-tail // cs)
         to_next = tau - table.steps  # steps until the pending set is swapped in
-        budget = max(len(table.resident), device_budget_chunks(SelectionParams.from_config(table.config)))
+        budget = max(len(table.resident),
+                     device_budget_chunks(SelectionParams.from_config(table.config)) + table.config.extra_edge_chunks)
         chunks = max(len(table.resident) + pending, budget)
         if left <= to_next or self.host.free_slots * cs < tail + left:
             tail_max = tail + left  # no boundary ahead, or the mirror may not take the tail

@@ -256,3 +256,14 @@ def test_edge_swap_brings_in_the_chunk_after_a_peak_on_a_chunks_last_token():
     assert edge_swap(0, True, held, resident) is None  # the next chunk is already resident
     assert edge_swap(4, True, held, resident) is None  # no candidate after the last one
     assert edge_swap(0, True, held, torch.tensor([True, False, False, False, False])) is None  # nothing to evict
+
+
+def test_edge_swap_takes_a_spare_page_else_the_page_of_an_earlier_straddle():
+    held = torch.tensor([0.3, 0.1, 0.05, 0.2, 0.4, 0.6])
+    resident = torch.tensor([True, True, False, True, False, True])
+    assert edge_swap(1, True, held, resident, spare=True) == (2, None)  # nothing leaves
+    assert edge_swap(1, True, held, resident, spare=True, slot=5) == (2, None)
+    assert edge_swap(1, True, held, resident, slot=5) == (2, 5)  # not the weakest (3): the slot's chunk
+    assert edge_swap(1, True, held, resident, slot=1) == (2, 3)  # the slot is the peak's own chunk
+    assert edge_swap(1, True, held, resident, slot=4) == (2, 3)  # the slot's chunk has left already
+    assert edge_swap(1, False, held, resident, spare=True) is None  # the rule does not fire

@@ -29,6 +29,7 @@ BAD_VALUES = {
     "reselect": ["exact", "", None, True],
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
     "reselect_edge": ["true", 0, 1, None],
+    "edge_pages": [-1, 1.5, "1", None, True, 2**31],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
     "seed": [-1, 1.5, 2**32, 2**64 - 1],

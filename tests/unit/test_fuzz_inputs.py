@@ -127,6 +127,7 @@ RULES = {
     "reselect": lambda v: _in(v, ("off", "quest")),
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "reselect_edge": lambda v: isinstance(v, bool),
+    "edge_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,
