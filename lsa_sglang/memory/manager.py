@@ -469,7 +469,7 @@ class LSAMemoryManager:
         that is still resident."""
         cs = self.cs
         extra = table.config.extra_edge_chunks
-        spare = slot = None
+        spare, slot = False, None
         if extra:
             budget = device_budget_chunks(SelectionParams.from_config(table.config))
             spare = len(table.resident) < budget + extra
@@ -484,7 +484,7 @@ class LSAMemoryManager:
         with torch.no_grad():
             peak = int(pos[step_peak(queries, (self.k_buffers[l].index_select(0, slots) for l in layers),
                                      scales, watched)])
-        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=bool(spare), slot=slot)
+        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=spare, slot=slot)
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0: the last `attention_rows` prompt tokens' attention at every layer
