@@ -471,8 +471,7 @@ class LSAMemoryManager:
         extra = table.config.extra_edge_chunks
         spare, slot = False, None
         if extra:
-            budget = device_budget_chunks(SelectionParams.from_config(table.config))
-            spare = len(table.resident) < budget + extra
+            spare = len(table.resident) < _chunk_cap(table.config)
             table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
             slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
         pos = self.read_positions(table, table.seq_len)
@@ -846,8 +845,7 @@ class LSAMemoryManager:
         tail = table.seq_len - table.mirrored * cs  # unmirrored tokens now
         held = len(table.resident) + pending + -(-tail // cs)
         to_next = tau - table.steps  # steps until the pending set is swapped in
-        budget = max(len(table.resident),
-                     device_budget_chunks(SelectionParams.from_config(table.config)) + table.config.extra_edge_chunks)
+        budget = max(len(table.resident), _chunk_cap(table.config))
         chunks = max(len(table.resident) + pending, budget)
         if left <= to_next or self.host.free_slots * cs < tail + left:
             tail_max = tail + left  # no boundary ahead, or the mirror may not take the tail
@@ -913,6 +911,12 @@ def prefix_hashes(tokens, chunk_size: int, n: int, extra_key=None, cache_salt=No
         prev = hashlib.blake2b(prev + body.numpy().tobytes(), digest_size=16).digest()
         chain.append(prev)
     return chain
+
+
+def _chunk_cap(config: LSAConfig) -> int:
+    """Most complete chunks a request may hold on the device: the selection budget plus the
+    straddle rule's spare pages (`edge_pages`)."""
+    return device_budget_chunks(SelectionParams.from_config(config)) + config.extra_edge_chunks
 
 
 def _steps_left(req) -> int:
