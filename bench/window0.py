@@ -35,7 +35,9 @@ from lsa_sglang.assets import model_path_or_fetch
 from lsa_sglang.bench.scoring import string_match_all
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
-from lsa_sglang.indexer.attention_signal import attention_scores, evidence_swap, layer_chunk_mass, quest_shares
+from lsa_sglang.indexer.attention_signal import (
+    attention_scores, evidence_swap, layer_chunk_mass, quest_shares, raise_held,
+)
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 
 def load(model_path: str):
@@ -129,6 +131,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     held = first_scores[lo:hi].clone().float()  # largest share each chunk drew so far
     picked = set(picked)
     signal, _, gate = signal.partition("@")  # quest@G: no swap in the answer's first G steps
+    signal, _, decay = signal.partition("~")  # quest~D: `held` shrinks by D per step before the max
     allowed = None
     if signal.startswith("quest") and signal != "quest":  # questK: only window 0's top K may come in
         allowed = torch.zeros(hi - lo, dtype=torch.bool)
@@ -156,7 +159,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             qs = [tap.q[i][0] for i in range(len(state["k"]))]
             share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
                      else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
-            torch.maximum(held, share, out=held)
+            raise_held(held, share, float(decay or 1))
             swap = evidence_swap(share, held, member_mask(picked, lo, hi), allowed)
             if swap is not None and len(out) > int(gate or 0):
                 picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
@@ -303,8 +306,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[],
                     help="also decode each rule with re-selection on evidence after every step: exact, quest, "
-                         "questK (only the rule's top K chunks may come in), any of them @G (no swap in the "
-                         "answer's first G tokens); reported as rule+quest, rule+quest14@16, ...")
+                         "questK (only the rule's top K chunks may come in), any of them ~D (each chunk's largest "
+                         "share so far shrinks by D per step) and @G (no swap in the answer's first G tokens); "
+                         "reported as rule+quest, rule+quest14@16, rule+quest~0.9@16, ...")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")

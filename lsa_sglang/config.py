@@ -117,6 +117,7 @@ class LSAConfig:
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
+    held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
     reselect_edge: bool = False  # `reselect`: bring in the chunk after the one whose last token a step read most
     edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
@@ -188,6 +189,8 @@ class LSAConfig:
             need_int("swap_limit", 0)
         need_choice("reselect", RESELECT)
         need_int("reselect_after", 0)
+        if not _is_finite(self.held_decay) or not 0.0 < self.held_decay <= 1.0:
+            raise bad("held_decay", "a number in (0, 1]")
         need_bool("reselect_edge")
         need_int("edge_pages", 0)
         need_bool("needle_fallback")

@@ -34,6 +34,8 @@ VARIANTS = {
     "attention-reselect": ("attention", {"reselect": "quest"}),
     "attention-no-reselect": ("attention", {"reselect": "off"}),
     "attention-reselect-after0": ("attention", {"reselect_after": 0}),
+    "attention-decay": ("attention", {"held_decay": 0.9}),
+    "attention-decay8": ("attention", {"held_decay": 0.8}),
     "attention-edge": ("attention", {"reselect_edge": True}),
     "attention-edge-page": ("attention", {"reselect_edge": True, "edge_pages": 1}),
     "attention-edge-page-b8": ("attention", {"reselect_edge": True, "edge_pages": 1, "page_budget": 8}),

@@ -106,6 +106,15 @@ def quest_shares(queries: Sequence[torch.Tensor], kmin: torch.Tensor, kmax: torc
     return best.cpu()
 
 
+def raise_held(held: torch.Tensor, share: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
+    """In place: each chunk's largest share so far (``held``), first shrunk by ``decay`` (1: kept
+    for good), raised to what the last step read of it (``share``). Below 1 a chunk the answer has
+    read out and no longer reads falls back, so one it has not read yet can take its page."""
+    if decay < 1.0:
+        held.mul_(decay)
+    return torch.maximum(held, share, out=held)
+
+
 def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tensor,
                   allowed: torch.Tensor | None = None) -> tuple[int, int] | None:
     """Re-selection on evidence over candidate chunks: ``share`` what the last step read of each

@@ -42,7 +42,7 @@ from lsa_sglang.indexer import (
     needs_fallback,
     select_chunks,
 )
-from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, step_peak
+from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, raise_held, step_peak
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
@@ -412,9 +412,10 @@ class LSAMemoryManager:
     def _reselect(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
                   swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
-        what it read of each candidate chunk (`quest_shares`, from the key bounds); when `swap`
-        (the answer is past `reselect_after` tokens) and the best chunk not on the device drew
-        more than the weakest resident one ever did, that one is released and the other copied in
+        what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
+        chunk's largest share so far (`held`, first shrunk by `held_decay`); when `swap` (the answer
+        is past `reselect_after` tokens) and the best chunk not on the device drew more than the
+        weakest resident one holds, that one is released and the other copied in
         now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
         the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
         it may grow the set by that many pages)."""
@@ -433,7 +434,7 @@ class LSAMemoryManager:
         with torch.no_grad():
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
-        torch.maximum(held, share, out=held)
+        raise_held(held, share, table.config.held_decay)
         resident = member_mask(table.resident, lo, hi)
         edge = self._edge(table, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
-from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, step_peak
+from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, raise_held, step_peak
 
 
 def _loop_mass(q, k, scale, n_chunks, cs):
@@ -218,6 +218,28 @@ def test_evidence_swap_takes_the_best_outsider_for_the_weakest_insider():
     assert evidence_swap(share, held, resident, torch.tensor([True, True, True, False, True])) is None
     assert evidence_swap(torch.tensor([0.1, 0.0, 0.07, 0.09, 0.2]), held, resident,
                          torch.tensor([False, False, True, False, False])) == (2, 1)
+
+
+def test_a_decayed_held_share_lets_a_value_read_out_leave():
+    """Chunk 0 was read once (0.6) and then no more; chunk 1 (resident) draws 0.25 every step;
+    chunk 2 (not resident) draws 0.2 every step. Kept for good (decay 1) chunk 0 never leaves and
+    chunk 2 never beats chunk 1; shrunk by 0.5 a step, chunk 0 holds 0.15 < 0.2 after two steps
+    and chunk 2 takes its page then, not before."""
+    resident = torch.tensor([True, True, False])
+    share = torch.tensor([0.0, 0.25, 0.2])
+    for decay, first in ((1.0, None), (0.5, 2)):
+        held = torch.tensor([0.6, 0.3, 0.0])
+        when = None
+        for step in range(1, 6):
+            raise_held(held, share, decay)
+            swap = evidence_swap(share, held, resident)
+            assert swap in (None, (2, 0)), swap
+            if when is None and swap is not None:
+                when = step
+        assert when == first, (decay, held)
+    held = torch.tensor([0.6, 0.3, 0.0])
+    torch.testing.assert_close(raise_held(held, share, 0.5), torch.tensor([0.3, 0.25, 0.2]))
+    assert raise_held(held, share) is held  # in place
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])

@@ -28,6 +28,7 @@ BAD_VALUES = {
     "swap_limit": [-1, 1.5, "2", True, 2**31],
     "reselect": ["exact", "", None, True],
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
+    "held_decay": [0, -0.5, 1.5, "0.9", None, True, float("nan")],
     "reselect_edge": ["true", 0, 1, None],
     "edge_pages": [-1, 1.5, "1", None, True, 2**31],
     "needle_fallback": ["true", 0],

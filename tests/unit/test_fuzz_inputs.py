@@ -126,6 +126,7 @@ RULES = {
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
+    "held_decay": lambda v: _finite(v) and 0 < v <= 1,
     "reselect_edge": lambda v: isinstance(v, bool),
     "edge_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "needle_fallback": lambda v: isinstance(v, bool),
@@ -146,14 +147,13 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
     if unknown:
         return unknown
     bad = {k for k, v in data.items() if not RULES[k](v)}
-    if bad:
-        return bad
-    merged = {**(base or {}), **data}
+    # cross-field rules, among values each valid alone (the config may report them first)
+    merged = {**(base or {}), **{k: v for k, v in data.items() if k not in bad}}
     if merged.get("min_pages", 0) > merged.get("page_budget", 16):
-        return {k for k in ("min_pages", "page_budget") if k in data} or {"min_pages"}
+        bad |= {k for k in ("min_pages", "page_budget") if k in data} or {"min_pages"}
     if merged.get("attention_spill", 0) > merged.get("chunk_size", 64):
-        return {"attention_spill"}
-    return set()
+        bad.add("attention_spill")
+    return bad
 
 
 def names_one_of(message: str, keys) -> bool:
