@@ -147,6 +147,20 @@ def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], sca
     return int(watched.nonzero()[int(best.argmax())])
 
 
+def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> int | None:
+    """The first of ``chunks`` whose last ``n`` tokens equal the last ``n`` of ``tokens`` (the
+    request's tokens so far, prompt then answer): the answer has just copied that chunk's end, so
+    a fact cut by its boundary goes on in the next chunk. None when none matches."""
+    tail = list(tokens[-n:])
+    if n < 1 or len(tail) < n:
+        return None
+    for c in sorted(chunks):
+        end = (c + 1) * cs
+        if end <= len(tokens) - n and list(tokens[end - n : end]) == tail:
+            return c
+    return None
+
+
 def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor, *,
               spare: bool = False, slot: int | None = None) -> tuple[int, int | None] | None:
     """The straddle rule over candidate chunks: a fact cut by a chunk boundary is copied token by

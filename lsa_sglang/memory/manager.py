@@ -42,7 +42,9 @@ from lsa_sglang.indexer import (
     needs_fallback,
     select_chunks,
 )
-from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, raise_held, step_peak
+from lsa_sglang.indexer.attention_signal import (
+    copied_chunk_end, edge_swap, evidence_swap, quest_shares, raise_held, step_peak,
+)
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull
@@ -52,6 +54,7 @@ logger = logging.getLogger(__name__)
 
 SENTINEL_SLOT = 0  # slot of SGLang's reserved padding page: marks a released chunk in req_to_token
 FINISHED_KEPT = 32
+EDGE_COPY_TOKENS = 3  # the straddle rule fires when the answer's last this many tokens end a resident chunk
 
 
 @dataclass
@@ -463,7 +466,9 @@ class LSAMemoryManager:
 
     def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
               lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:
-        """The straddle rule (`edge_swap`) on the token the last step read most among the
+        """The straddle rule (`edge_swap`) on a resident candidate chunk whose end the answer has
+        just copied: its last `EDGE_COPY_TOKENS` tokens are the answer's last ones
+        (`copied_chunk_end`), else the one holding the token the last step read most among the
         resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
         the cells are all on the device). With `edge_pages` the chunk it brings in takes a page
         beyond the budget while one is free, else the page of the oldest chunk it brought in
@@ -475,6 +480,12 @@ class LSAMemoryManager:
             spare = len(table.resident) < _chunk_cap(table.config)
             table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
             slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
+        req = self._req(table.req_pool_idx, table.rid)
+        if req is not None and len(req.output_ids) >= EDGE_COPY_TOKENS:
+            ends = [c for c in table.resident if lo <= c < hi - 1 and c + 1 not in table.resident]
+            copied = copied_chunk_end(list(req.origin_input_ids) + list(req.output_ids), EDGE_COPY_TOKENS, ends, cs)
+            if copied is not None:
+                return edge_swap(copied - lo, True, held, resident, spare=spare, slot=slot)
         pos = self.read_positions(table, table.seq_len)
         chunk = pos // cs
         watched = (chunk >= lo) & (chunk < hi)

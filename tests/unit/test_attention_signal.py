@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
-from lsa_sglang.indexer.attention_signal import edge_swap, evidence_swap, quest_shares, raise_held, step_peak
+from lsa_sglang.indexer.attention_signal import (
+    copied_chunk_end, edge_swap, evidence_swap, quest_shares, raise_held, step_peak,
+)
 
 
 def _loop_mass(q, k, scale, n_chunks, cs):
@@ -240,6 +242,23 @@ def test_a_decayed_held_share_lets_a_value_read_out_leave():
     held = torch.tensor([0.6, 0.3, 0.0])
     torch.testing.assert_close(raise_held(held, share, 0.5), torch.tensor([0.3, 0.25, 0.2]))
     assert raise_held(held, share) is held  # in place
+
+
+def test_copied_chunk_end_finds_the_chunk_whose_end_the_answer_just_copied():
+    """A value 3980426 cut after "398042" by the boundary of chunk 2 (chunk size 8): once the answer
+    has written "...042" chunk 2's end is copied; other chunks, a shorter match, or a match that is
+    only the answer's own tail (no chunk end before it) do not count."""
+    words = [100 + i for i in range(40)]
+    prompt = words[:18] + [3, 9, 8, 0, 4, 2] + [6] + words[18:27]  # chunk 2 = positions 16..23
+    assert prompt[21:24] == [0, 4, 2] and len(prompt) == 34
+    answer = [7, 3, 9, 8, 0, 4, 2]
+    assert copied_chunk_end(prompt + answer, 3, [0, 1, 2, 3], 8) == 2
+    assert copied_chunk_end(prompt + answer, 3, [0, 1, 3], 8) is None  # chunk 2 not among those asked
+    assert copied_chunk_end(prompt + answer[:-1], 3, [0, 1, 2, 3], 8) is None  # "...04": not yet
+    assert copied_chunk_end(prompt + [5, 0, 4, 2], 4, [2], 8) is None  # 4 tokens: 5 != 8
+    assert copied_chunk_end(prompt + [5, 0, 4, 2], 3, [2], 8) == 2
+    assert copied_chunk_end([0, 4, 2], 3, [0], 3) is None  # the chunk's end is the answer's own tail
+    assert copied_chunk_end(prompt + answer, 0, [2], 8) is None
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
