@@ -118,7 +118,7 @@ class LSAConfig:
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
-    reselect_edge: bool = False  # `reselect`: bring in the chunk after the one whose last token a step read most
+    reselect_edge: bool = False  # `reselect`: bring in the chunk after one whose end the answer just copied
     edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"
