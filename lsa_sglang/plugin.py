@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
-import os
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +41,20 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from lsa_sglang.session import Session
+
+    session = Session.from_environment()
+
     @register_attention_backend(BACKEND_NAME)
     def _create_lsa_backend(runner):
-        from lsa_sglang.attention.backend import create_backend
+        from lsa_sglang.attention.backend import LSAAttnBackend
+        from lsa_sglang.session import build_manager
 
-        return create_backend(runner)
+        config = session.serving_config
+        logger.info("lsa attention backend: %s", config)
+        backend = LSAAttnBackend(runner, config, build_manager(runner, config))
+        session.attach_manager(backend.manager)
+        return backend
 
     if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
         add_attention_backend_choices([BACKEND_NAME])
@@ -54,46 +62,26 @@ def register() -> None:
     def _radix(ctx):
         from lsa_sglang.memory.radix import create_lsa_radix_cache
 
-        return create_lsa_radix_cache(ctx)
+        return create_lsa_radix_cache(ctx, session)
 
     register_radix_cache_backend(BACKEND_NAME, _radix)
-    HookRegistry.register("sglang.srt.managers.schedule_batch.Req.__init__", _after_req_init, HookType.AFTER)
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler_components.internal_state."
-        "SchedulerInternalStateController.get_internal_state",
-        _after_internal_state,
-        HookType.AFTER,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _around_add_one_req, HookType.AROUND
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset",
-        _around_running_offset,
-        HookType.AROUND,
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", _around_new_batch_prefill, HookType.AROUND
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.sampling.sampling_params.SamplingParams.verify", _after_sampling_verify, HookType.AFTER
-    )
-    HookRegistry.register(
-        "sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _after_max_prefix_len, HookType.AFTER
-    )
+    for target, hook, kind in (
+        ("sglang.srt.managers.schedule_batch.Req.__init__", _after_req_init, HookType.AFTER),
+        ("sglang.srt.managers.scheduler_components.internal_state."
+         "SchedulerInternalStateController.get_internal_state", _after_internal_state, HookType.AFTER),
+        ("sglang.srt.managers.schedule_policy.PrefillAdder.add_one_req", _around_add_one_req, HookType.AROUND),
+        ("sglang.srt.managers.schedule_policy.PrefillAdder._get_running_request_total_token_offset",
+         _around_running_offset, HookType.AROUND),
+        ("sglang.srt.managers.scheduler.Scheduler.get_new_batch_prefill", _around_new_batch_prefill, HookType.AROUND),
+        ("sglang.srt.managers.schedule_batch.ScheduleBatch.retract_decode", _after_retract, HookType.AFTER),
+        ("sglang.srt.sampling.sampling_params.SamplingParams.verify", _after_sampling_verify, HookType.AFTER),
+        ("sglang.srt.managers.schedule_batch.Req._compute_max_prefix_len", _after_max_prefix_len, HookType.AFTER),
+    ):
+        # each hook gets the session as its first argument
+        HookRegistry.register(target, functools.partial(hook, session), kind)
     if multiprocessing.current_process().name == "MainProcess":
         _add_http_routes()
     _registered = True
-
-
-def _manager():
-    from lsa_sglang.attention.backend import active_backend
-
-    backend = active_backend()
-    return None if backend is None else backend.manager
 
 
 def parse_overrides(custom_params, base=None) -> dict:
@@ -138,27 +126,17 @@ def parse_overrides(custom_params, base=None) -> dict:
     return dict(over)
 
 
-@functools.cache
-def _launcher_config():
-    """The config our launcher validated and handed to SGLang's processes; None elsewhere
-    (stock `sglang.launch_server` with this package installed keeps its behaviour)."""
-    from lsa_sglang.config import ENV_VAR, LSAConfig
-
-    return LSAConfig.from_env() if os.environ.get(ENV_VAR) else None
-
-
-def _after_sampling_verify(result, params, *args, **kwargs):
+def _after_sampling_verify(session, result, params, *args, **kwargs):
     """SGLang checks sampling params in the HTTP process before queueing the request; a bad
     `custom_params.lsa` is refused there too (LSAConfigError is a ValueError), so a streamed
     request gets the same 400 naming the key as a plain one, and never reaches the scheduler."""
-    config = _launcher_config()
-    if config is not None:
-        parse_overrides(getattr(params, "custom_params", None), config)
+    if session.config is not None:
+        parse_overrides(getattr(params, "custom_params", None), session.config)
     return result
 
 
-def _after_req_init(result, req, *args, **kwargs):
-    m = _manager()
+def _after_req_init(session, result, req, *args, **kwargs):
+    m = session.manager
     if m is None:
         return result
     from lsa_sglang.config import LSAConfigError
@@ -182,18 +160,18 @@ def _after_req_init(result, req, *args, **kwargs):
     return result
 
 
-def _after_max_prefix_len(result, req, input_len, *args, **kwargs):
+def _after_max_prefix_len(session, result, req, input_len, *args, **kwargs):
     """Under the `attention` policy window 0 reads the queries of the prompt's last
     `attention_rows` tokens, which only a prefill computes: the prefix cache may serve every
     token but those, so a prompt found in the cache is scored exactly like a cold one."""
-    m = _manager()
+    m = session.manager
     rows = 0 if m is None else m.query_rows(req.rid)
     return max(min(result, input_len - rows), 0) if rows > 1 else result
 
 
-def _around_add_one_req(original, adder, req, *args, **kwargs):
+def _around_add_one_req(session, original, adder, req, *args, **kwargs):
     """A request whose host mirror would not fit now waits in the queue (never OOM)."""
-    m = _manager()
+    m = session.manager
     if m is not None and not m.try_reserve(req.rid, len(req.origin_input_ids)):
         from sglang.srt.managers.schedule_policy import AddReqResult
 
@@ -205,33 +183,33 @@ def _around_add_one_req(original, adder, req, *args, **kwargs):
     return result
 
 
-def _around_running_offset(original, adder, req, *args, **kwargs):
+def _around_running_offset(session, original, adder, req, *args, **kwargs):
     """Decode tokens the adder keeps free for a running request: for an LSA row, the bound
     on what it may still add to the device (its resident budget, not its sequence)."""
-    m = _manager()
+    m = session.manager
     need = None if m is None else m.decode_need_tokens(req)
     return original(adder, req, *args, **kwargs) if need is None else need
 
 
-def _around_new_batch_prefill(original, scheduler, running_batch, *args, **kwargs):
+def _around_new_batch_prefill(session, original, scheduler, running_batch, *args, **kwargs):
     """Memory LSA returned since the last pass lets the adder try the queue again. It only
     clears SGLang's 'a prefill did not fit' flag: the adder still checks free + evictable
     memory against every running request's reservation, and sets the flag again if short."""
-    m = _manager()
+    m = session.manager
     if m is not None and m.take_returned_memory():
         running_batch.batch_is_full = False
     return original(scheduler, running_batch, *args, **kwargs)
 
 
-def _after_retract(result, *args, **kwargs):
-    m = _manager()
+def _after_retract(session, result, *args, **kwargs):
+    m = session.manager
     if m is not None:
         m.server["retracted_requests"] += len(result[0])
     return result
 
 
-def _after_internal_state(result, *args, **kwargs):
-    m = _manager()
+def _after_internal_state(session, result, *args, **kwargs):
+    m = session.manager
     if m is not None:
         result.internal_state["lsa"] = m.stats()
     return result

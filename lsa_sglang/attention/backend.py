@@ -11,8 +11,6 @@ Requests with LSA off (config or per-request override) take the stock path.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
 from sglang.srt.mem_cache.memory_pool import KVWriteLoc
@@ -21,20 +19,13 @@ from torch.nn.functional import scaled_dot_product_attention
 from lsa_sglang.config import LSAConfig
 from lsa_sglang.kernels import DecodePlan, as_pages, resident_mask_from_sets, sparse_decode
 
-logger = logging.getLogger(__name__)
-
-_ACTIVE: "LSAAttnBackend | None" = None  # the scheduler process's backend (stats, release hooks)
-
-
-def active_backend() -> "LSAAttnBackend | None":
-    return _ACTIVE
-
 
 class LSAAttnBackend(TorchNativeAttnBackend):
-    def __init__(self, model_runner, config: LSAConfig) -> None:
+    def __init__(self, model_runner, config: LSAConfig, manager) -> None:
+        """`manager`: the session's LSAMemoryManager (None: a model LSA cannot serve, all dense)."""
         super().__init__(model_runner)
         self.config = config
-        self.manager = build_manager(model_runner, config)
+        self.manager = manager
         self._tables: list | None = None  # per request of the current decode batch
         self._read: list[torch.Tensor | None] = []
         self._csr = None
@@ -188,59 +179,3 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             out = scaled_dot_product_attention(qi, ki, vi, enable_gqa=gqa, scale=layer.scaling)
             o_[i] = out[0, :, 0, :]
         return o
-
-
-def build_manager(model_runner, config: LSAConfig):
-    """The memory manager, or None for a model we cannot capture (dense then, with a warning)."""
-    from lsa_sglang.indexer import NeuralMemoryIndexer, load_indexer, spec_from_hf_config
-    from lsa_sglang.indexer.checkpoint import model_id_from_path
-    from lsa_sglang.memory.manager import LSAMemoryManager
-    from lsa_sglang.models.adapter import (
-        HiddenCapture,
-        UnsupportedModel,
-        attention_modules,
-        backbone_query_weights,
-        default_target_layers,
-    )
-
-    model = model_runner.model
-    try:
-        mods = attention_modules(model)
-    except UnsupportedModel as e:
-        logger.warning("%s; lsa decodes densely", e)
-        return None
-    layers = config.target_layers or default_target_layers(len(mods))
-    hf_config = model_runner.model_config.hf_config
-    model_id = model_id_from_path(getattr(model_runner.model_config, "model_path", ""))
-    spec = spec_from_hf_config(
-        hf_config, model_id, tuple(layers), config.chunk_size, config.tau, config.threshold
-    )
-    attn0 = mods[layers[0]]
-    heads, head_dim = attn0.num_heads, attn0.head_dim
-    if config.indexer_checkpoint:
-        indexer = load_indexer(config.indexer_checkpoint, expected=spec, device=model_runner.device)
-        for name in ("tau", "threshold"):  # run-time knobs: a mismatch is allowed, but say so
-            trained, serving = getattr(indexer.spec, name), getattr(config, name)
-            if trained != serving:
-                logger.warning("lsa: indexer checkpoint %s was trained with %s=%s; this server uses %s=%s",
-                               config.indexer_checkpoint, name, trained, name, serving)
-    else:
-        import dataclasses
-
-        spec = dataclasses.replace(spec, prenormed=True, q_bias=mods[layers[0]].qkv_proj.bias is not None,
-                                   num_heads=heads, head_dim=head_dim)
-        ws, bs = zip(*(backbone_query_weights(mods[l], heads, head_dim) for l in layers))
-        indexer = NeuralMemoryIndexer.from_backbone(
-            spec, [w.float() for w in ws], None if bs[0] is None else [b.float() for b in bs]
-        ).to(model_runner.device)
-    indexer.eval()
-    capture = HiddenCapture(model, tuple(layers))
-    return LSAMemoryManager(config, model_runner, capture, indexer)
-
-
-def create_backend(model_runner) -> LSAAttnBackend:
-    global _ACTIVE
-    config = LSAConfig.from_env()
-    logger.info("lsa attention backend: %s", config)
-    _ACTIVE = LSAAttnBackend(model_runner, config)
-    return _ACTIVE

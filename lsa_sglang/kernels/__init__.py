@@ -19,9 +19,9 @@ imported (``interpreter_active`` tells whether it was).
 from ._triton_env import interpreter_active, triton_can_run_on
 from .attention_state import add_sinks_, merge_states
 from .chunk_copy import contiguous_runs, copy_chunks_to_device, copy_chunks_to_host, host_mirror_shape
-from .chunk_scoring import ChunkScores, page_layout, score_chunks, score_chunks_torch
+from .chunk_scoring import ChunkScores, page_layout, score_chunks_torch
 from .chunk_scoring_triton import score_chunks_triton
-from .dispatch import BACKENDS, resolve_backend, sparse_decode
+from .dispatch import BACKENDS, resolve_backend, score_chunks, sparse_decode
 from .flashinfer_decode import FlashInferSparseDecoder, flashinfer_available, sparse_decode_flashinfer
 from .paged_layout import as_pages, check_decode_inputs, tokens_per_request
 from .planning import DecodePlan, SparsePlan, plan_sparse_decode, resident_mask_from_sets

@@ -1,4 +1,5 @@
-"""Chunk scoring for the Neural Memory Indexer: torch reference, page bookkeeping, dispatch.
+"""Chunk scoring for the Neural Memory Indexer: torch reference and page bookkeeping
+(`dispatch.score_chunks` picks the path per device).
 
 For request ``b`` with indexer query heads ``q[b] [H, Dh]`` and head weights ``w[b] [H]``,
 chunk ``c`` of that request scores ``sigmoid(sum_h w_h * relu(q_h . k_{c, g(h)}))`` where
@@ -114,22 +115,3 @@ def score_chunks_torch(
     scores = torch.sigmoid(chunk_logits_torch(q, w, keys, chunk_indptr))
     selected = scores > threshold
     return ChunkScores(scores, selected, count_selected_per_page(selected, page_of_chunk, total_pages), page_indptr)
-
-
-def score_chunks(
-    q: torch.Tensor,
-    w: torch.Tensor,
-    keys: torch.Tensor,
-    chunk_indptr: torch.Tensor,
-    threshold: float = 0.5,
-    chunks_per_page: int = 64,
-    backend: str = "auto",
-) -> ChunkScores:
-    """Score all chunks of a batch; ``auto`` runs Triton on CUDA and torch on CPU."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"unknown chunk scoring backend {backend!r}")
-    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
-        return score_chunks_torch(q, w, keys, chunk_indptr, threshold, chunks_per_page)
-    from .chunk_scoring_triton import score_chunks_triton
-
-    return score_chunks_triton(q, w, keys, chunk_indptr, threshold, chunks_per_page)

@@ -1,4 +1,4 @@
-"""One entry point for sparse paged decode, choosing a kernel path per device.
+"""The entry points that choose a kernel path per device: sparse paged decode, chunk scoring.
 
 ``auto`` prefers FlashInfer on CUDA (fp16/bf16, when importable), then the Triton
 split-K kernel on CUDA, and the torch reference on CPU. The Triton path also runs on
@@ -11,6 +11,8 @@ from typing import Optional, Tuple
 
 import torch
 
+from .chunk_scoring import ChunkScores, score_chunks_torch
+from .chunk_scoring_triton import score_chunks_triton
 from .flashinfer_decode import FLASHINFER_DTYPES, flashinfer_available, sparse_decode_flashinfer
 from .reference import sparse_decode_torch
 from .triton_decode import SplitWorkspace, sparse_decode_triton
@@ -62,3 +64,20 @@ def sparse_decode(
     if path == "triton":
         return sparse_decode_triton(*args, sinks=sinks, out=out, lse=lse, workspace=workspace, validate=validate)
     return sparse_decode_flashinfer(*args, sinks=sinks, out=out, lse=lse, validate=validate)
+
+
+def score_chunks(
+    q: torch.Tensor,
+    w: torch.Tensor,
+    keys: torch.Tensor,
+    chunk_indptr: torch.Tensor,
+    threshold: float = 0.5,
+    chunks_per_page: int = 64,
+    backend: str = "auto",
+) -> ChunkScores:
+    """Score all chunks of a batch; ``auto`` runs Triton on CUDA and torch on CPU."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"unknown chunk scoring backend {backend!r}")
+    if backend == "torch" or (backend == "auto" and q.device.type != "cuda"):
+        return score_chunks_torch(q, w, keys, chunk_indptr, threshold, chunks_per_page)
+    return score_chunks_triton(q, w, keys, chunk_indptr, threshold, chunks_per_page)

@@ -160,6 +160,7 @@ class LSAMemoryManager:
         self._step_queries: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> ([B, H, D], scale)
         self._step_rows: dict[int, int] = {}  # req_pool_idx -> its row of the last decode batch
         self.prefetcher = Prefetcher()
+        self.radix = None  # the process's LSARadixCache, linked by the session
         self.tables: dict[int, ChunkTable] = {}
         self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
         self.server = {
@@ -294,9 +295,7 @@ class LSAMemoryManager:
         self._set_rows(table.req_pool_idx, keep, pages)
         self._set_rows(table.req_pool_idx, drop, None)
         table.resident -= set(drop)
-        from lsa_sglang.memory.radix import active_radix
-
-        active_radix().detach(req)
+        self.radix.detach(req)
         self.returned_memory = True  # the prompt's tree pages are evictable now
         return True
 
@@ -314,12 +313,9 @@ class LSAMemoryManager:
         first when it is short."""
         if n == 0:
             return []
-        from lsa_sglang.memory.radix import active_radix
-
         got = self.allocator.alloc(n * self.cs)
-        radix = active_radix()
-        if got is None and radix is not None:
-            self.allocator.evict_to_free_tokens(radix, n * self.cs)
+        if got is None and self.radix is not None:
+            self.allocator.evict_to_free_tokens(self.radix, n * self.cs)
             got = self.allocator.alloc(n * self.cs)
         if got is None:
             return None

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from sglang.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
 
-_ACTIVE = None  # the scheduler process's LSARadixCache
 HOST_BACKED_PRIORITY = -2  # tree priority of rows an LSA request inserts (lower: evicted first)
 
 
@@ -44,22 +43,13 @@ def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> li
     return out
 
 
-def _manager():
-    from lsa_sglang.attention.backend import active_backend
-
-    backend = active_backend()
-    return None if backend is None else backend.manager
-
-
-def active_radix():
-    return _ACTIVE
-
-
 class LSARadixCache(UnifiedRadixCache):
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        global _ACTIVE
-        _ACTIVE = self
+    def __init__(self, params, session) -> None:
+        """`session`: this process's lsa_sglang.session.Session (its memory manager, None
+        while no `lsa` attention backend serves, leaves every method stock)."""
+        self.lsa = session  # set first: SGLang's __init__ already calls reset()
+        super().__init__(params)
+        session.attach_radix(self)
 
     def detach(self, req) -> None:
         """The request no longer reads the tree's pages: unlock its prefix (now evictable)."""
@@ -68,7 +58,7 @@ class LSARadixCache(UnifiedRadixCache):
         req.kv.cache_protected_len = 0
 
     def free_kv_row(self, kv, ranges):
-        m = _manager()
+        m = self.lsa.manager
         if m is not None:
             ranges = _subtract(list(ranges), m.released_ranges(kv.req_pool_idx))
         super().free_kv_row(kv, ranges)
@@ -76,7 +66,7 @@ class LSARadixCache(UnifiedRadixCache):
     def match_prefix(self, params):
         """SGLang's device match, extended by chunks only the host mirror still holds."""
         result = super().match_prefix(params)
-        m = _manager()
+        m = self.lsa.manager
         if m is None or self.disable or params.req is None:
             return result
         if m.load_back(params.key, result, self):
@@ -84,7 +74,7 @@ class LSARadixCache(UnifiedRadixCache):
         return result
 
     def checkpoint(self, req, *, up_to: int, **kwargs) -> None:
-        m = _manager()
+        m = self.lsa.manager
         table = None if m is None else m.table_of(req)
         if table is None or not table.config.enabled:
             super().checkpoint(req, up_to=up_to, **kwargs)
@@ -100,19 +90,19 @@ class LSARadixCache(UnifiedRadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         super().on_release(req, checkpointed=checkpointed)
-        m = _manager()
+        m = self.lsa.manager
         if m is not None:
             m.release(req.kv.req_pool_idx)
             m.forget_request(req.rid)
 
     def reset(self) -> None:
         super().reset()
-        m = _manager()
+        m = self.lsa.manager
         if m is not None:
             m.host.flush()
 
 
-def create_lsa_radix_cache(ctx):
+def create_lsa_radix_cache(ctx, session):
     from sglang.srt.mem_cache.registry import create_unified_radix_cache
 
-    return create_unified_radix_cache(ctx, cache_class=LSARadixCache)
+    return create_unified_radix_cache(ctx, cache_class=lambda params: LSARadixCache(params, session))
