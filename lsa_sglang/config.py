@@ -22,6 +22,7 @@ ENSEMBLES = ("max", "mean")
 POLICIES = ("indexer", "recency", "random", "quest", "attention")
 KERNELS = ("auto", "torch", "triton", "flashinfer")
 LATER_WINDOWS = ("indexer", "carry")  # how the `attention` policy picks after window 0
+SELECTION_FIELDS = ("threshold", "sink_chunks", "chunks_per_page", "page_budget", "min_pages", "policy")
 RESELECT = ("off", "quest")  # `attention` policy: re-selection on evidence after every decode step
 
 # Upper bounds: beyond them a count overflows the int64 tensors it ends up in (the selector,
@@ -48,6 +49,29 @@ def _is_number(v: Any) -> bool:
 
 def _is_finite(v: Any) -> bool:
     return _is_number(v) and math.isfinite(v)
+
+
+def check_selection(values: dict[str, Any], where: str) -> None:
+    """The rules of the selection fields LSAConfig and `indexer.selector.SelectionParams` share
+    (`recent_chunks` only where given): raises LSAConfigError "{where} 'name': expected ..."."""
+
+    def bad(name: str, allowed: str) -> LSAConfigError:
+        return LSAConfigError(f"{where} '{name}': expected {allowed}, got {show(values[name])}")
+
+    if not _is_finite(values["threshold"]) or not 0.0 < values["threshold"] < 1.0:
+        raise bad("threshold", "a number strictly between 0 and 1")
+    counts = (("sink_chunks", 0), ("recent_chunks", 0), ("chunks_per_page", 1), ("page_budget", 1), ("min_pages", 0))
+    for name, lo in counts:
+        v = values.get(name, 0)
+        if not _is_int(v) or not lo <= v <= MAX_COUNT:
+            raise bad(name, f"an integer in [{lo}, {MAX_COUNT}]")
+    if values["min_pages"] > values["page_budget"]:
+        raise LSAConfigError(
+            f"{where} 'min_pages': expected an integer <= page_budget ({values['page_budget']}), "
+            f"got {values['min_pages']!r}"
+        )
+    if values["policy"] not in POLICIES:
+        raise bad("policy", "one of " + ", ".join(POLICIES))
 
 
 def show(value: Any, limit: int = _SHOW_LIMIT) -> str:
@@ -153,8 +177,7 @@ class LSAConfig:
         if not _is_int(cs) or cs < 8 or cs > 4096 or cs & (cs - 1):
             raise bad("chunk_size", "a power of two in [8, 4096]")
         need_int("tau", 1, 65536)
-        if not _is_finite(self.threshold) or not 0.0 < self.threshold < 1.0:
-            raise bad("threshold", "a number strictly between 0 and 1")
+        check_selection({f: getattr(self, f) for f in SELECTION_FIELDS}, "lsa config field")
         need_choice("ensemble", ENSEMBLES)
         if self.target_layers is not None:
             tl = self.target_layers
@@ -165,22 +188,12 @@ class LSAConfig:
                 or len(set(tl)) != len(tl)
             ):
                 raise bad("target_layers", f"null or a non-empty list of distinct layer indices in [0, {MAX_COUNT}]")
-        need_int("sink_chunks", 0)
         need_int("recent_tokens", 0)
-        need_int("chunks_per_page", 1)
-        need_int("page_budget", 1)
-        need_int("min_pages", 0)
-        if self.min_pages > self.page_budget:
-            raise LSAConfigError(
-                f"lsa config field 'min_pages': expected an integer <= page_budget "
-                f"({self.page_budget}), got {self.min_pages!r}"
-            )
         if not _is_finite(self.host_pool_gb) or not 0 < self.host_pool_gb <= MAX_HOST_POOL_GB:
             raise bad("host_pool_gb", f"a number of GiB in (0, {MAX_HOST_POOL_GB:.0f}]")
         ckpt = self.indexer_checkpoint
         if ckpt is not None and (not isinstance(ckpt, str) or not ckpt or "\0" in ckpt):
             raise bad("indexer_checkpoint", "null or a path to a checkpoint")
-        need_choice("policy", POLICIES)
         need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
         need_bool("attention_per_head")
         need_int("attention_spill", 0, self.chunk_size)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-ENSEMBLES = ("max", "mean")
+from lsa_sglang.config import ENSEMBLES
 
 
 class SpecError(ValueError):
@@ -281,8 +281,18 @@ class NeuralMemoryIndexer(nn.Module):
         if ensemble not in ENSEMBLES:
             raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {ensemble!r}")
         q, w = self.forward(hidden, positions)
-        per_layer = torch.sigmoid(self.layer_logits(q, w, keys))
-        return per_layer.amax(dim=1) if ensemble == "max" else per_layer.mean(dim=1)
+        return ensemble_layers(torch.sigmoid(self.layer_logits(q, w, keys)), ensemble)
+
+
+def ensemble_layers(per_layer: torch.Tensor, how: str) -> torch.Tensor:
+    """Per-layer chunk probabilities ``[..., L, N]`` -> ``[..., N]``: max over the target layers
+    ("OR", a chunk any layer wants) or their mean (the config's `ensemble`). The server, the
+    trainer and the evaluator all combine layers here."""
+    if how == "max":
+        return per_layer.amax(dim=-2)
+    if how == "mean":
+        return per_layer.mean(dim=-2)
+    raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {how!r}")
 
 
 # -- frozen key side -------------------------------------------------------------------------------
@@ -331,6 +341,7 @@ __all__ = [
     "IndexerSpec",
     "NeuralMemoryIndexer",
     "chunk_keys_from_pages",
+    "ensemble_layers",
     "group_map",
     "page_minmax",
     "quest_scores",

@@ -19,7 +19,8 @@ from typing import Any, NamedTuple
 
 import torch
 
-POLICIES = ("indexer", "recency", "random", "quest", "attention")
+from lsa_sglang.config import POLICIES, check_selection
+
 SCORED = ("indexer", "quest", "attention")  # policies that rank chunks by scores
 
 
@@ -37,22 +38,11 @@ class SelectionParams:
     needle_fallback: bool = True
 
     def __post_init__(self) -> None:
-        for name, lo in (("chunks_per_page", 1), ("page_budget", 1), ("min_pages", 0),
-                         ("sink_chunks", 0), ("recent_chunks", 0)):
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-                raise ValueError(f"SelectionParams.{name} must be an integer >= {lo}, got {v!r}")
-        if self.min_pages > self.page_budget:
-            raise ValueError(f"SelectionParams.min_pages ({self.min_pages}) must be <= page_budget ({self.page_budget})")
-        if self.policy not in POLICIES:
-            raise ValueError(f"SelectionParams.policy must be one of {POLICIES}, got {self.policy!r}")
-        if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                or not 0.0 <= self.threshold <= 1.0:
-            raise ValueError(f"SelectionParams.threshold must be in [0, 1], got {self.threshold!r}")
+        check_selection(self.__dict__, "SelectionParams field")  # LSAConfig's rules (an LSAConfigError)
 
     @classmethod
     def from_config(cls, cfg: Any) -> "SelectionParams":
-        """From any object with LSAConfig's attribute names (duck-typed: no config import here)."""
+        """From any object with LSAConfig's attribute names."""
         return cls(
             threshold=float(cfg.threshold),
             chunks_per_page=int(cfg.chunks_per_page),

@@ -16,6 +16,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from lsa_sglang.indexer import chunk_keys_from_pages, page_minmax
+
 from .labels import top_p_picks
 
 
@@ -164,7 +166,8 @@ class DocCapture:
                     i = self.target_layers.index(layer)
                     st["hidden"][i] = h.index_select(0, sample_pos).float().clone()
                     pages = k[: n_full * cs].view(n_full, cs, self.num_kv_heads, self.head_dim)
-                    st["keys"][i], st["kmin"][i], st["kmax"][i] = pages.mean(1), pages.amin(1), pages.amax(1)
+                    st["keys"][i] = chunk_keys_from_pages(pages)
+                    st["kmin"][i], st["kmax"][i] = page_minmax(pages)
                 if layer in self.vote_layers or layer in self.keep_layers:
                     q = module.q_proj(h.index_select(0, rows)).view(R, self.num_heads, self.head_dim).float()
                     q = rotate(q, cos.index_select(0, rows), sin.index_select(0, rows))

@@ -1,6 +1,6 @@
 """Chunk scores of every policy on dumped samples, computed exactly as the server computes them.
 
-`indexer_logits` is `memory.manager.LSAMemoryManager._score` batched over a document's samples:
+`indexer_logits` is `memory.window.WindowCycle._score` batched over a document's samples:
 the indexer's forward on the captured hidden state at the sample position, `layer_logits`
 against the frozen chunk keys, sigmoid per layer, then max ("OR") or mean over layers.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from lsa_sglang.indexer import NeuralMemoryIndexer, quest_scores
+from lsa_sglang.indexer import NeuralMemoryIndexer, ensemble_layers, quest_scores
 
 from .data import DocData
 
@@ -36,20 +36,11 @@ def indexer_logits(
     return logits + model.layer_bias.float()[None, :, None]
 
 
-def ensemble(per_layer_probs: torch.Tensor, how: str) -> torch.Tensor:
-    """``[P, L, N]`` probabilities -> ``[P, N]`` (the server's `ensemble` field)."""
-    if how == "max":
-        return per_layer_probs.amax(dim=1)
-    if how == "mean":
-        return per_layer_probs.mean(dim=1)
-    raise ValueError(f"ensemble must be 'max' or 'mean', got {how!r}")
-
-
 @torch.no_grad()
 def indexer_scores(model: NeuralMemoryIndexer, doc: DocData, how: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(ensembled ``[P, N]``, per layer ``[P, L, N]``) scores in [0, 1]."""
     probs = torch.sigmoid(indexer_logits(model, doc).float())
-    return ensemble(probs, how), probs
+    return ensemble_layers(probs, how), probs
 
 
 @torch.no_grad()
@@ -74,4 +65,4 @@ def random_scores(doc: DocData, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(doc.labels.shape, generator=gen)
 
 
-__all__ = ["ensemble", "indexer_logits", "indexer_scores", "quest_doc_scores", "random_scores", "recency_scores"]
+__all__ = ["indexer_logits", "indexer_scores", "quest_doc_scores", "random_scores", "recency_scores"]

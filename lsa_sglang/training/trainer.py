@@ -39,7 +39,7 @@ from lsa_sglang.indexer import NeuralMemoryIndexer, load_indexer, save_indexer
 from .data import DocData, Dump, data_fingerprint, load_dump
 from .metrics import MethodAccumulator, topk_select
 from .train_config import TrainConfig, TrainError
-from .scoring import ensemble, indexer_logits, indexer_scores
+from .scoring import indexer_logits, indexer_scores
 
 VAL_KS = (2, 4, 8)
 Q_SIDE = ("wq_a", "q_norm", "wq_b", "wq_b_bias")
