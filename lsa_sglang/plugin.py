@@ -141,22 +141,14 @@ def _after_req_init(session, result, req, *args, **kwargs):
         return result
     from lsa_sglang.config import LSAConfigError
 
-    m.reqs[req.rid] = req
     try:
         over = parse_overrides(getattr(req.sampling_params, "custom_params", None), m.config)
     except LSAConfigError as e:
         req.set_finish_with_abort(str(e))
         return result
-    if over:
-        m.overrides[req.rid] = over
-    if m.config.replace(**over).enabled:
-        need = len(req.origin_input_ids) // m.cs + 1
-        if need > m.host.capacity:
-            req.set_finish_with_abort(
-                f"lsa: prompt of {len(req.origin_input_ids)} tokens needs {need} host chunks "
-                f"({need * m.page_bytes / 2**30:.2f} GiB); host_pool_gb allows {m.host.capacity} "
-                f"({m.host.capacity * m.page_bytes / 2**30:.2f} GiB)"
-            )
+    refusal = m.new_request(req, over)
+    if refusal is not None:
+        req.set_finish_with_abort(refusal)
     return result
 
 
@@ -179,7 +171,7 @@ def _around_add_one_req(session, original, adder, req, *args, **kwargs):
         return AddReqResult.OTHER
     result = original(adder, req, *args, **kwargs)
     if m is not None and req not in adder.can_run_list and getattr(adder, "new_chunked_req", None) is not req:
-        m.forget_request_reservation(req.rid)
+        m.unreserve(req.rid)
     return result
 
 
@@ -204,7 +196,7 @@ def _around_new_batch_prefill(session, original, scheduler, running_batch, *args
 def _after_retract(session, result, *args, **kwargs):
     m = session.manager
     if m is not None:
-        m.server["retracted_requests"] += len(result[0])
+        m.server.retracted_requests += len(result[0])
     return result
 
 

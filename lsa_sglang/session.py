@@ -54,7 +54,7 @@ class Session:
 
     def _link(self) -> None:
         if self.manager is not None:
-            self.manager.radix = self.radix
+            self.manager.link_radix(self.radix)
 
 
 def build_manager(model_runner, config: LSAConfig) -> "LSAMemoryManager | None":

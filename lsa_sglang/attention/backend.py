@@ -73,7 +73,8 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             if table is None:
                 self._read.append(r2t[idx, :seq_len])
             else:
-                self._read.append(r2t[idx].index_select(0, self.manager.read_positions(table, seq_len)))
+                pos = table.read_positions(seq_len, self.config.chunk_size, r2t.device)
+                self._read.append(r2t[idx].index_select(0, pos))
 
     def _plan_pages(self, forward_batch, tables, seq_lens):
         """The kernel path's CSR by tensor ops (kernels.planning), in buffers reused every step:
@@ -159,8 +160,8 @@ class LSAAttnBackend(TorchNativeAttnBackend):
             )
         q_ = q.view(-1, layer.tp_q_head_num, layer.qk_head_dim)
         o_ = o.view(-1, layer.tp_q_head_num, layer.v_head_dim)
-        if self.manager.wants_step_queries:  # re-selection on evidence reads them next step
-            self.manager.note_step_queries(layer.layer_id, q_, layer.scaling)
+        if self.manager.windows.wants_step_queries:  # re-selection on evidence reads them next step
+            self.manager.windows.note_step_queries(layer.layer_id, q_, layer.scaling)
         k_cache = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
         v_cache = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
         if self._csr is not None:

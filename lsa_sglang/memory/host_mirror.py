@@ -13,6 +13,7 @@ or `flush` empties the cache; cached slots count as free for admission.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from typing import Any
@@ -146,3 +147,17 @@ class HostMirror:
         assert all(n > 0 for n in self._refs.values())
         assert cached <= set(self._hash_of)
         assert all(self._by_hash[k] == s for s, k in self._hash_of.items())
+
+
+def prefix_hashes(tokens, chunk_size: int, n: int, extra_key=None, cache_salt=None,
+                  known: list[bytes] | None = None) -> list[bytes]:
+    """Content address of chunks [0, n): chunk c's hash covers every token up to its end
+    (and the request's cache namespace), so equal hashes mean equal KV. `known` are the
+    first hashes, already computed."""
+    chain = list(known or [])
+    prev = chain[-1] if chain else repr((extra_key, cache_salt or None)).encode()
+    for c in range(len(chain), n):
+        body = torch.tensor(tokens[c * chunk_size : (c + 1) * chunk_size], dtype=torch.int64)
+        prev = hashlib.blake2b(prev + body.numpy().tobytes(), digest_size=16).digest()
+        chain.append(prev)
+    return chain

@@ -95,3 +95,19 @@ def test_the_package_has_no_import_cycles():
     graph = _import_graph()
     assert "lsa_sglang.session" in graph["lsa_sglang.plugin"]  # the graph sees function-level imports
     assert _cycles(graph) == []
+
+
+def test_only_the_registered_pieces_import_sglang():
+    """SGLang internals stay in the modules the plugin registers (plus the launcher and metrics,
+    which use SGLang's public launcher and metrics), so an SGLang upgrade is a change there."""
+    importers = set()
+    for mod, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            if any(n == "sglang" or n.startswith("sglang.") for n in names):
+                importers.add(mod)
+    assert importers == {
+        "lsa_sglang.plugin", "lsa_sglang.attention.backend", "lsa_sglang.memory.radix",
+        "lsa_sglang.launch_server", "lsa_sglang.metrics",
+    }

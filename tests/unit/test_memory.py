@@ -97,7 +97,7 @@ def test_request_stats_hold_no_request_content():
     import json
 
     from lsa_sglang.config import POLICIES
-    from lsa_sglang.memory.manager import RequestStats
+    from lsa_sglang.memory.state import RequestStats
 
     types = {f.name: f.type for f in dataclasses.fields(RequestStats)}
     assert {n for n, t in types.items() if t not in ("int", "float", "bool")} == {"rid", "policy"}

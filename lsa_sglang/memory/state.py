@@ -1,0 +1,146 @@
+"""What the memory manager keeps per request and per server: chunk tables, the window being
+prefetched, and the counters `/lsa/stats` shows.
+
+A request's life: reserved (host slots promised at prefill admission) -> admitted (its first
+decode step: chunks written through, window 0 selected, `ChunkTable` built) -> windows (every
+`tau` steps a new set swaps in) -> released (host slots and prefetched cells go back; its
+`RequestStats` join the finished list).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from lsa_sglang.config import LSAConfig
+from lsa_sglang.indexer import SelectionParams, device_budget_chunks
+
+SENTINEL_SLOT = 0  # slot of SGLang's reserved padding page: marks a released chunk in req_to_token
+
+
+@dataclass
+class RequestStats:
+    rid: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    device_kv_bytes: int = 0
+    peak_device_kv_bytes: int = 0
+    full_kv_bytes: int = 0
+    host_kv_bytes: int = 0
+    selection_metadata_bytes: int = 0  # part of device_kv_bytes
+    resident_ratio: float = 1.0
+    windows: int = 0
+    chunks_copied: int = 0
+    bytes_copied: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    indexer_seconds: float = 0.0
+    fallbacks: int = 0
+    reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
+    edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
+    prefix_hit_tokens: int = 0
+    host_chunks_shared: int = 0
+    policy: str = "indexer"
+    lsa_enabled: bool = True
+    finished: bool = False
+
+
+@dataclass
+class ServerStats:
+    """Counters over the server's life (`/lsa/stats` "server", with the running totals added)."""
+
+    requests_served: int = 0
+    windows: int = 0
+    chunks_copied: int = 0
+    bytes_copied: int = 0
+    stalls: int = 0
+    stall_seconds: float = 0.0
+    indexer_seconds: float = 0.0
+    fallbacks: int = 0
+    alloc_denied: int = 0
+    host_full: int = 0
+    peak_device_kv_bytes: int = 0
+    prefix_hit_tokens: int = 0
+    host_chunks_shared: int = 0
+    device_cells_saved: int = 0
+    prefix_host_loaded_tokens: int = 0
+    retracted_requests: int = 0
+    host_waits: int = 0
+    sync_swaps: int = 0
+    reselections: int = 0
+    edge_reselections: int = 0
+
+    def count(self, request: RequestStats | None = None, **deltas) -> None:
+        """Add to the server's counters and to the request's where it has the same field."""
+        for key, v in deltas.items():
+            setattr(self, key, getattr(self, key) + v)
+            if request is not None and hasattr(request, key):
+                setattr(request, key, getattr(request, key) + v)
+
+
+@dataclass
+class Pending:
+    """The next window's resident set, its cells being filled by the prefetcher."""
+
+    resident: set[int]
+    new_pages: dict[int, int]  # chunk id -> device page being filled
+    future: Future | None
+
+
+@dataclass
+class ChunkTable:
+    """One request's chunks: host slot of each mirrored chunk, which ones have device cells."""
+
+    rid: str
+    req_pool_idx: int
+    config: LSAConfig
+    prompt_tokens: int
+    host_slots: list[int] = field(default_factory=list)  # index = chunk id
+    chain: list[bytes] = field(default_factory=list)  # prefix hash of each mirrored chunk
+    resident: set[int] = field(default_factory=set)  # mirrored chunks with a device cell
+    # per mirrored chunk, grown as chunks are mirrored (None before the first):
+    keys: torch.Tensor | None = None  # [mirrored, L, Hk, Dh] mean key at the target layers
+    kmin: torch.Tensor | None = None  # [mirrored, L, Hk, Dh] key min at the target layers
+    kmax: torch.Tensor | None = None
+    bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
+    held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
+    edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
+    steps: int = 0  # decode steps since the last window boundary
+    seq_len: int = 0  # tokens in the row at the last decode step
+    pending: Pending | None = None
+    stats: RequestStats | None = None
+    window0_scores: torch.Tensor | None = None  # `attention` policy: admission's scores, for carry
+
+    @property
+    def mirrored(self) -> int:
+        return len(self.host_slots)
+
+    def read_positions(self, seq_len: int, chunk_size: int, device) -> torch.Tensor:
+        """Token positions attention reads: resident mirrored chunks + everything after them."""
+        cs = chunk_size
+        parts = [torch.arange(c * cs, (c + 1) * cs) for c in sorted(self.resident)]
+        parts.append(torch.arange(self.mirrored * cs, seq_len))
+        return torch.cat(parts).to(device)
+
+    def check_integrity(self, req_to_token_row: torch.Tensor, chunk_size: int) -> None:
+        assert len(set(self.host_slots)) == len(self.host_slots)
+        assert self.resident <= set(range(self.mirrored))
+        starts = req_to_token_row[: self.mirrored * chunk_size : chunk_size].tolist()
+        for c, slot in enumerate(starts):
+            if c in self.resident:
+                assert slot != SENTINEL_SLOT and slot % chunk_size == 0, (c, slot)
+            else:
+                assert slot == SENTINEL_SLOT, (c, slot)
+
+
+def chunk_cap(config: LSAConfig) -> int:
+    """Most complete chunks a request may hold on the device: the selection budget plus the
+    straddle rule's spare pages (`edge_pages`)."""
+    return device_budget_chunks(SelectionParams.from_config(config)) + config.extra_edge_chunks
+
+
+def steps_left(req) -> int:
+    """Decode steps a request may still take (its max_new_tokens bound)."""
+    return max(0, req.sampling_params.max_new_tokens - len(req.output_ids))

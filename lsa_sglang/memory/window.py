@@ -1,0 +1,386 @@
+"""The window cycle of an LSA request: write-through, selection, prefetch, swap.
+
+- write-through (`write_through`): every chunk completed since the last call is copied to the
+  host mirror, or shared by reference when a chunk with the same prefix hash is there, and its
+  frozen key summaries are kept on the device (counted in its device bytes);
+- selection (`select`): at admission from the prefill's own attention (`attention` policy) or
+  the indexer, at each later boundary from the indexer (or window 0's scores, `carry`), the budget
+  always filled; during a window, re-selection on evidence (`reselect`: a decode step's queries
+  bound what it read of every chunk) swaps one chunk in per step;
+- prefetch (`boundary`): the next window's misses get spare cells and are copied by the
+  Prefetcher while this window decodes, and swap in at the next boundary (`apply`); with no
+  spare memory the set swaps in place (`_swap_now`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import torch
+
+from lsa_sglang.indexer import (
+    SelectionParams,
+    attention_scores,
+    candidate_chunks,
+    ensemble_layers,
+    needs_fallback,
+    quest_scores,
+    select_chunks,
+)
+from lsa_sglang.indexer.attention_signal import (
+    copied_chunk_end, edge_swap, evidence_swap, quest_shares, raise_held, step_peak,
+)
+from lsa_sglang.indexer.selector import SCORED, member_mask
+from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
+from lsa_sglang.memory.cells import DeviceCells
+from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull, prefix_hashes
+from lsa_sglang.memory.prefetcher import Prefetcher
+from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, chunk_cap, steps_left
+
+logger = logging.getLogger(__name__)
+
+EDGE_COPY_TOKENS = 3  # the straddle rule fires when the answer's last this many tokens end a resident chunk
+
+
+class WindowCycle:
+    def __init__(self, cells: DeviceCells, host: HostMirror, capture, indexer, server: ServerStats,
+                 req_of: Callable, reserved_tokens: Callable[[], int]) -> None:
+        """`req_of(table)`: the scheduler's Req behind a table (or None); `reserved_tokens()`:
+        device tokens the prefill adder keeps free for the running requests."""
+        self.cells, self.host, self.server = cells, host, server
+        self.cs = cells.cs
+        self.capture = capture  # models.adapter.HiddenCapture
+        self.indexer = indexer
+        self.target_layers = list(capture.layers)
+        self.req_of, self.reserved_tokens = req_of, reserved_tokens
+        self.prefetcher = Prefetcher()
+        self._step_queries: dict[int, tuple[torch.Tensor, float]] = {}  # layer -> ([B, H, D], scale)
+        self._step_rows: dict[int, int] = {}  # req_pool_idx -> its row of the last decode batch
+
+    # -- a decode step's queries (`reselect`) --------------------------------------------------
+    @property
+    def wants_step_queries(self) -> bool:
+        """A request of this decode batch re-selects on evidence: attention hands its queries."""
+        return bool(self._step_rows)
+
+    def note_step_queries(self, layer: int, q: torch.Tensor, scale: float) -> None:
+        """One layer's decode queries ``[B, H, D]`` of this step, read at the next step."""
+        self._step_queries[layer] = (q.detach().clone(), scale)
+
+    def take_step(self) -> tuple[dict[int, tuple[torch.Tensor, float]], dict[int, int]]:
+        """The last step's queries and rows, cleared for this step's."""
+        out = self._step_queries, self._step_rows
+        self._step_queries, self._step_rows = {}, {}
+        return out
+
+    def watch(self, idx: int, row: int) -> None:
+        """The row `idx` has in this decode batch: its queries are kept for its re-selection."""
+        self._step_rows[idx] = row
+
+    # -- boundaries ----------------------------------------------------------------------------
+    def boundary(self, table: ChunkTable, seq_len: int) -> None:
+        table.steps = 0
+        self.server.count(table.stats, windows=1)
+        if table.pending is not None:
+            pending, table.pending = table.pending, None
+            if pending.future is not None:
+                waited = self.prefetcher.wait(pending.future)
+                if waited > 0:
+                    self.server.count(table.stats, stalls=1, stall_seconds=waited)
+            self.apply(table, pending.resident, pending.new_pages)
+        req = self.req_of(table)
+        self.write_through(table, seq_len, req)
+        # The set selected now is swapped in at the next boundary: a request that ends before
+        # it would only hold cells it never reads (and that admission had to reserve).
+        if req is None or steps_left(req) >= table.config.tau:
+            selection = self.select(table, seq_len, held=table.resident)
+            if selection is not None:
+                self._start_prefetch(table, selection)
+        logger.debug(
+            "lsa window rid=%s seq=%d mirrored=%d resident=%d next=%s stalls=%d",
+            table.rid, seq_len, table.mirrored, len(table.resident),
+            None if table.pending is None else len(table.pending.resident), table.stats.stalls,
+        )
+
+    # -- selection -----------------------------------------------------------------------------
+    def select(self, table: ChunkTable, seq_len: int, held: set[int] | None = None) -> set[int] | None:
+        """The resident set for the next window. `held`: the chunks resident now (a later
+        boundary), so the config's `swap_limit` bounds the pages the set brings in."""
+        n = table.mirrored
+        config = table.config
+        params = SelectionParams.from_config(config)
+        scores = tail_mass = None
+        t = time.perf_counter()
+        queries = self.capture.take_queries(table.req_pool_idx)  # only the admission uses them
+        if config.policy == "attention" and n > 0 and queries is not None:
+            scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
+            table.window0_scores = scores
+        elif config.policy == "attention" and config.attention_later == "carry" and table.window0_scores is not None:
+            # later windows rank by what the prompt's last rows attended (chunks written since score 0)
+            scores = torch.zeros(n, dtype=table.window0_scores.dtype)
+            kept = min(n, table.window0_scores.numel())
+            scores[:kept] = table.window0_scores[:kept]
+        elif config.policy in SCORED and n > 0:
+            hidden = self.capture.last_hidden(table.req_pool_idx)
+            if hidden is not None:  # `attention` after window 0: the indexer's scores, budget filled
+                policy = "indexer" if config.policy == "attention" else config.policy
+                scores, tail_mass = self._score(table, hidden, seq_len - 1, policy)
+        self.server.count(table.stats, indexer_seconds=time.perf_counter() - t)
+        if scores is None and config.policy in SCORED:
+            # no hidden state captured (cannot happen after a real forward): keep everything
+            return set(range(n))
+        # The needle fallback widens the very selection the indexer is unsure about: the one
+        # made at admission serves the whole answer when it is shorter than a window.
+        cand = candidate_chunks(n, params)
+        widen = (
+            config.policy == "indexer" and config.needle_fallback and len(cand) > 0
+            and needs_fallback(scores[cand[0] : cand[-1] + 1], config.threshold, tail_mass)
+        )
+        sel = select_chunks(
+            n, params, scores=scores, rng=config.seed + n, widen=widen,
+            held=held, swap_limit=config.swap_limit,
+        )
+        if sel.fallback:
+            self.server.count(table.stats, fallbacks=1)
+        return set(sel.resident.tolist())
+
+    def reselect(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
+                  swap: bool) -> None:
+        """Re-selection on evidence after a decode step: the step's queries at every layer bound
+        what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
+        chunk's largest share so far (`held`, first shrunk by `held_decay`); when `swap` (the answer
+        is past `reselect_after` tokens) and the best chunk not on the device drew more than the
+        weakest resident one holds, that one is released and the other copied in
+        now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
+        the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
+        it may grow the set by that many pages)."""
+        n = table.mirrored
+        cand = candidate_chunks(n, SelectionParams.from_config(table.config))
+        if len(cand) == 0:
+            return
+        lo, hi = int(cand[0]), int(cand[-1]) + 1
+        t = time.perf_counter()
+        if table.held is None or table.held.numel() < n:
+            held = torch.zeros(n)
+            prior = table.held if table.held is not None else table.window0_scores
+            if prior is not None:
+                held[: min(n, prior.numel())] = prior[:n].float()
+            table.held = held
+        with torch.no_grad():
+            share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
+        held = table.held[lo:hi]
+        raise_held(held, share, table.config.held_decay)
+        resident = member_mask(table.resident, lo, hi)
+        edge = self._edge(table, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
+        pair = edge
+        if pair is None and swap:
+            pair = evidence_swap(share, held, resident)
+        self.server.count(table.stats, indexer_seconds=time.perf_counter() - t)
+        if pair is None:
+            return
+        incoming, outgoing = lo + pair[0], None if pair[1] is None else lo + pair[1]
+        t = time.perf_counter()
+        if outgoing is not None:
+            self.apply(table, table.resident - {outgoing}, {})
+        pages = self.cells.alloc(1)
+        if pages is None:  # only when a running request outgrew its reservation
+            self.server.alloc_denied += 1
+            return
+        self._load([table.host_slots[incoming]], pages)
+        self.cells.set_rows(table.req_pool_idx, [incoming], pages)
+        table.resident.add(incoming)
+        if edge is not None and table.config.extra_edge_chunks:
+            table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
+        self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
+                          stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
+
+    def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
+              lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:
+        """The straddle rule (`edge_swap`) on a resident candidate chunk whose end the answer has
+        just copied: its last `EDGE_COPY_TOKENS` tokens are the answer's last ones
+        (`copied_chunk_end`), else the one holding the token the last step read most among the
+        resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
+        the cells are all on the device). With `edge_pages` the chunk it brings in takes a page
+        beyond the budget while one is free, else the page of the oldest chunk it brought in
+        that is still resident."""
+        cs = self.cs
+        extra = table.config.extra_edge_chunks
+        spare, slot = False, None
+        if extra:
+            spare = len(table.resident) < chunk_cap(table.config)
+            table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
+            slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
+        req = self.req_of(table)
+        if req is not None and len(req.output_ids) >= EDGE_COPY_TOKENS:
+            ends = [c for c in table.resident if lo <= c < hi - 1 and c + 1 not in table.resident]
+            copied = copied_chunk_end(list(req.origin_input_ids) + list(req.output_ids), EDGE_COPY_TOKENS, ends, cs)
+            if copied is not None:
+                return edge_swap(copied - lo, True, held, resident, spare=spare, slot=slot)
+        pos = table.read_positions(table.seq_len, cs, self.cells.device)
+        chunk = pos // cs
+        watched = (chunk >= lo) & (chunk < hi)
+        if not bool(watched.any()):
+            return None
+        slots = self.cells.req_to_token[table.req_pool_idx, pos].to(torch.int64)
+        with torch.no_grad():
+            peak = int(pos[step_peak(queries, (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
+                                     scales, watched)])
+        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=spare, slot=slot)
+
+    def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
+        """Window 0: the last `attention_rows` prompt tokens' attention at every layer
+        (`indexer.attention_signal`), over the prompt's keys, all still on the device at admission."""
+        slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
+        layers = sorted(queries)
+        lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
+        rows = table.config.attention_rows
+        with torch.no_grad():
+            return attention_scores(
+                [queries[l][0][-rows:] for l in layers], (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
+                [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
+                per_head=table.config.attention_per_head, spill=table.config.attention_spill,
+            )
+
+    def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
+        pos = torch.tensor([position], device=hidden.device)
+        with torch.no_grad():
+            q, w = self.indexer(hidden[None].to(self.indexer_dtype), pos)
+            logits = self.indexer.layer_logits(q, w, table.keys.to(q.dtype))[0]  # [L, N]
+            if policy == "quest":
+                per_layer = torch.stack([
+                    quest_scores(q[0, l], table.kmin[:, l], table.kmax[:, l]) for l in range(q.shape[1])
+                ])
+                scores = per_layer.max(dim=0).values
+            else:
+                probs = torch.sigmoid(logits.double())  # float32 rounds confident chunks to ties
+                scores = ensemble_layers(probs, table.config.ensemble)
+            # Proxy for the attention mass on the recency tail: softmax of the layer-mean
+            # logits over chunks, mass of the last `recent_chunks`.
+            mass = torch.softmax(logits.mean(0), 0)
+            rc = table.config.recent_chunks
+            tail_mass = float(mass[-rc:].sum()) if rc > 0 else 0.0
+        return scores.cpu(), min(max(tail_mass, 0.0), 1.0)
+
+    @property
+    def indexer_dtype(self) -> torch.dtype:
+        return next(self.indexer.parameters()).dtype
+
+    # -- residency changes -----------------------------------------------------------------------
+    def write_through(self, table: ChunkTable, seq_len: int, req=None) -> None:
+        """Write through every chunk completed since the last call (written KV = seq_len - 1);
+        a chunk whose prefix hash is already in the host mirror is shared, not copied."""
+        complete = (seq_len - 1) // self.cs
+        new = list(range(table.mirrored, complete))
+        if not new:
+            return
+        chain = self._extend_chain(table, req, complete)
+        slots = [None if chain is None else self.host.lookup(chain[c]) for c in new]
+        misses = [i for i, s in enumerate(slots) if s is None]
+        try:
+            fresh = self.host.alloc(len(misses))
+        except HostMirrorFull:
+            # Admission refuses prompts that can never fit; under concurrent load the newest
+            # chunks simply stay on the device (they are read as part of the tail).
+            self.host.release([s for s in slots if s is not None])
+            self.server.host_full += 1
+            return
+        keys = [None if s is None else self.host.meta[s] for s in slots]
+        if misses:
+            pages = [self.cells.page_of(table.req_pool_idx, new[i]) for i in misses]
+            copy_chunks_to_host(self.cells.k_buffers, self.cells.v_buffers, pages, self.host.buffer, fresh)
+            computed = self.cells.chunk_keys(torch.tensor(pages, device=self.cells.device), self.target_layers)
+            for n, (i, slot) in enumerate(zip(misses, fresh)):
+                slots[i], keys[i] = slot, tuple(k[n] for k in computed)
+                if chain is not None:
+                    self.host.publish(slot, chain[new[i]], keys[i])
+        shared = len(new) - len(misses)
+        self.server.count(table.stats, host_chunks_shared=shared)
+        old = (table.keys, table.kmin, table.kmax, table.bounds)
+        grown = [torch.stack(parts) for parts in zip(*keys)]  # the new chunks' mean, kmin, kmax, bounds
+        table.keys, table.kmin, table.kmax, table.bounds = (
+            g if o is None else torch.cat([o, g]) for o, g in zip(old, grown)
+        )
+        table.host_slots.extend(slots)
+        if chain is not None:
+            table.chain = chain[:complete]
+        table.resident.update(new)
+        table.stats.host_kv_bytes = table.mirrored * self.cells.page_bytes
+
+    def _extend_chain(self, table: ChunkTable, req, complete: int) -> list[bytes] | None:
+        """Prefix hashes of chunks [0, complete): each covers every token up to its end."""
+        if req is None or len(table.chain) != table.mirrored:
+            return None
+        tokens = list(req.origin_input_ids) + list(req.output_ids)
+        if len(tokens) < complete * self.cs:
+            return None
+        return prefix_hashes(tokens, self.cs, complete, req.extra_key, req.cache_salt, table.chain)
+
+    def apply(self, table: ChunkTable, resident: set[int], new_pages: dict[int, int]) -> None:
+        """Swap `resident` in: prefetched cells become visible, evicted ones are released (and a
+        prefetched copy of a chunk that became resident meanwhile, by re-selection)."""
+        idx = table.req_pool_idx
+        evict = sorted(table.resident - resident)
+        evicted_pages = [self.cells.page_of(idx, c) for c in evict]
+        self.cells.set_rows(idx, evict, None)
+        self.cells.free(evicted_pages + [p for c, p in new_pages.items() if c in table.resident])
+        arrive = sorted(c for c in new_pages if c not in table.resident)
+        self.cells.set_rows(idx, arrive, [new_pages[c] for c in arrive])
+        table.resident = (table.resident - set(evict)) | set(arrive)
+
+    def _start_prefetch(self, table: ChunkTable, resident: set[int]) -> None:
+        misses = sorted(resident - table.resident)
+        new_pages: dict[int, int] = {}
+        if misses:
+            pages = self._alloc_spare(len(misses))
+            if pages is None:
+                self._swap_now(table, resident)
+                return
+            new_pages = dict(zip(misses, pages))
+        future = None
+        if misses:
+            slots = [table.host_slots[c] for c in misses]
+            pages = [new_pages[c] for c in misses]
+            host, kb, vb = self.host.buffer, self.cells.k_buffers, self.cells.v_buffers
+            after = None
+            if self.cells.device.type == "cuda":  # the worker thread's current stream is not ours
+                after = torch.cuda.Event()
+                after.record(torch.cuda.current_stream(self.cells.device))
+            future = self.prefetcher.submit(lambda: copy_chunks_to_device(host, slots, kb, vb, pages, after=after))
+            self.server.count(table.stats, chunks_copied=len(misses), bytes_copied=len(misses) * self.cells.page_bytes)
+        table.pending = Pending(resident, new_pages, future)
+
+    def _swap_now(self, table: ChunkTable, resident: set[int]) -> None:
+        """Switch to `resident` at once: no memory beyond what admission reserved is spare for
+        a double-buffered prefetch, so the chunks the new set drops are released first and
+        its misses are copied synchronously into their cells (a counted stall). The request
+        never holds more than its budget, which is what admission reserved for it."""
+        t = time.perf_counter()
+        self.apply(table, resident & table.resident, {})
+        misses = sorted(resident - table.resident)
+        pages = self.cells.alloc(len(misses))
+        if pages is None:  # only when a running request outgrew its reservation
+            self.server.alloc_denied += 1
+            return
+        self._load([table.host_slots[c] for c in misses], pages)
+        self.cells.set_rows(table.req_pool_idx, misses, pages)
+        table.resident |= set(misses)
+        self.server.count(table.stats, stalls=1, stall_seconds=time.perf_counter() - t, sync_swaps=1,
+                          chunks_copied=len(misses), bytes_copied=len(misses) * self.cells.page_bytes)
+
+    def _alloc_spare(self, n: int) -> list[int] | None:
+        """Cells admission did not reserve (a window's prefetch): only from memory no running
+        request has reserved."""
+        return self.cells.alloc_spare(n, self.reserved_tokens)
+
+    def _load(self, slots: list[int], pages: list[int]) -> None:
+        self.cells.load(self.host.buffer, slots, pages)
+
+    def drop_pending(self, table: ChunkTable) -> None:
+        """The request ended: a prefetch still running is waited for, its cells go back."""
+        if table.pending is not None:
+            if table.pending.future is not None:
+                self.prefetcher.wait(table.pending.future)
+            self.cells.free(list(table.pending.new_pages.values()))
+            table.pending = None
