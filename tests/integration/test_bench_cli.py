@@ -32,7 +32,7 @@ def bench_server(model_path, tmp_path_factory):
 
 
 def run_cli(args: list[str], capsys) -> str:
-    from lsa_sglang.bench_cli import main
+    from lsa_sglang.bench.cli import main
 
     rc = main(args + ["--quiet"])
     out = capsys.readouterr()
@@ -113,7 +113,7 @@ def test_server_helper_stops_the_whole_process_group(bench_server):
 
 
 def test_cli_errors_are_one_line(capsys):
-    from lsa_sglang.bench_cli import main
+    from lsa_sglang.bench.cli import main
 
     assert main(["accuracy", "--url", "http://127.0.0.1:9", "--tasks", "passkey"]) == 1
     assert "no healthy server" in capsys.readouterr().err

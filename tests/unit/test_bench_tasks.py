@@ -289,7 +289,7 @@ def test_methods_summary_and_table():
 
 def test_cli_parsers_and_percentiles():
     from lsa_sglang.bench.throughput import percentile
-    from lsa_sglang.bench_cli import budget_list, int_list, parse_tokens
+    from lsa_sglang.bench.cli import budget_list, int_list, parse_tokens
 
     assert parse_tokens("8K") == 8192 and parse_tokens("1.5k") == 1536 and parse_tokens("300") == 300
     assert int_list("1K,2048") == [1024, 2048]

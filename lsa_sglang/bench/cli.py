@@ -30,11 +30,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from lsa_sglang.cli import CliError, Command, command_parser, run_command
+
 DEFAULT_TASKS = "niah_single,niah_multikey,niah_multivalue,vt"
-
-
-class CliError(RuntimeError):
-    """An expected failure: printed as one line, exit status 1."""
 
 
 # --- argument helpers --------------------------------------------------------------------------
@@ -717,46 +715,32 @@ def _soak_run(args: argparse.Namespace) -> int:
 # --- entry point -------------------------------------------------------------------------------
 
 COMMANDS = {
-    "tasks": ("list the tasks", lambda p: None, _tasks_run),
-    "sample": ("print one generated prompt (stdout) and its answers (stderr)", _sample_args, _sample_run),
-    "accuracy": ("accuracy suite against a running server", _accuracy_args, _accuracy_run),
-    "compare": ("stock SGLang vs LSA methods at equal budgets: accuracy and device KV ratio",
-                _compare_args, _compare_run),
-    "throughput": ("stock vs LSA under concurrent load at the same KV budget", _throughput_args, _throughput_run),
-    "kits": ("SGLang's own server test kits against stock and LSA: a parity table", _kits_args, _kits_run),
-    "soak": ("a bounded soak of one LSA server: mixed traffic, bad input, aborts, back at baseline",
-             _soak_args, _soak_run),
+    "tasks": Command("list the tasks", lambda p: None, _tasks_run),
+    "sample": Command("print one generated prompt (stdout) and its answers (stderr)", _sample_args, _sample_run),
+    "accuracy": Command("accuracy suite against a running server", _accuracy_args, _accuracy_run),
+    "compare": Command("stock SGLang vs LSA methods at equal budgets: accuracy and device KV ratio",
+                       _compare_args, _compare_run),
+    "throughput": Command("stock vs LSA under concurrent load at the same KV budget", _throughput_args,
+                          _throughput_run),
+    "kits": Command("SGLang's own server test kits against stock and LSA: a parity table", _kits_args, _kits_run),
+    "soak": Command("a bounded soak of one LSA server: mixed traffic, bad input, aborts, back at baseline",
+                    _soak_args, _soak_run),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lsa-bench", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (help_, add, run) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_)
-        add(sp)
-        sp.set_defaults(_run=run)
-    return parser
+    return command_parser("lsa-bench", __doc__.split("\n\n")[0], COMMANDS,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from lsa_sglang.assets import AssetError
-
-    args = build_parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():
         # A plain SIGTERM would end us without unwinding: the servers we started would outlive us.
         signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        return int(args._run(args) or 0)
-    except (CliError, AssetError) as e:
-        print(f"lsa-bench {args.command}: error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print(f"lsa-bench {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return run_command("lsa-bench", build_parser(), argv)
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
