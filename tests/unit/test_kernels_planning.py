@@ -142,7 +142,7 @@ def test_backend_plan_matches_the_loop_and_keeps_slot_lists_for_sdpa(kernel):
 
     from lsa_sglang.attention.backend import LSAAttnBackend
     from lsa_sglang.config import LSAConfig
-    from lsa_sglang.memory.manager import LSAMemoryManager
+    from lsa_sglang.memory.state import ChunkTable
 
     rng = random.Random(7)
     r2t, idxs, seq_lens, sets, mirrored = _tables(rng, 9, max_len=CS * 24)
@@ -150,16 +150,16 @@ def test_backend_plan_matches_the_loop_and_keeps_slot_lists_for_sdpa(kernel):
     backend.config = LSAConfig(chunk_size=CS, kernel=kernel)
     backend.device = "cpu"
     backend.req_to_token_pool = SimpleNamespace(req_to_token=r2t)
-    stub = SimpleNamespace(cs=CS, device=torch.device("cpu"))
-    backend.manager = SimpleNamespace(read_positions=lambda t, n: LSAMemoryManager.read_positions(stub, t, n))
-    tables = [None if s is None else SimpleNamespace(resident=s, mirrored=m) for s, m in zip(sets, mirrored)]
+    tables = [None if s is None else ChunkTable("r", idx, backend.config, 0, host_slots=list(range(m)), resident=set(s))
+              for idx, s, m in zip(idxs, sets, mirrored)]
     batch = SimpleNamespace(req_pool_indices=torch.tensor(idxs))
     for _ in range(2):  # the second step reuses the plan's buffers
         backend._plan(batch, tables, idxs, seq_lens)
         if kernel == "torch":
             assert backend._csr is None
             for slots, idx, n, res, m in zip(backend._read, idxs, seq_lens, sets, mirrored):
-                want = r2t[idx, :n] if res is None else r2t[idx][LSAMemoryManager.read_positions(stub, SimpleNamespace(resident=res, mirrored=m), n)]
+                want = r2t[idx, :n] if res is None else r2t[idx][torch.cat(
+                    [torch.arange(c * CS, (c + 1) * CS) for c in sorted(res)] + [torch.arange(m * CS, n)])]
                 assert torch.equal(slots, want)
         else:
             _assert_plans_equal(backend._csr, plan_sparse_decode_loop(r2t, idxs, seq_lens, sets, mirrored, CS))
