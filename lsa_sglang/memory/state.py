@@ -82,11 +82,13 @@ class ServerStats:
 
 @dataclass
 class Pending:
-    """The next window's resident set, its cells being filled by the prefetcher."""
+    """The next window's resident set, its cells being filled by the prefetcher (or, with no
+    spare memory for them, `deferred`: its misses are copied in at the swap itself)."""
 
     resident: set[int]
     new_pages: dict[int, int]  # chunk id -> device page being filled
     future: Future | None
+    deferred: list[int] = field(default_factory=list)  # misses without cells, loaded at the swap
 
 
 @dataclass

@@ -9,7 +9,8 @@
   bound what it read of every chunk) swaps one chunk in per step;
 - prefetch (`boundary`): the next window's misses get spare cells and are copied by the
   Prefetcher while this window decodes, and swap in at the next boundary (`apply`); with no
-  spare memory the set swaps in place (`_swap_now`).
+  spare memory the set swaps in at that same boundary, its misses copied then, after the chunks
+  it drops are released (`_swap_now`), so the tokens a request reads do not depend on the load.
 """
 
 from __future__ import annotations
@@ -89,7 +90,10 @@ class WindowCycle:
                 waited = self.prefetcher.wait(pending.future)
                 if waited > 0:
                     self.server.count(table.stats, stalls=1, stall_seconds=waited)
-            self.apply(table, pending.resident, pending.new_pages)
+            if pending.deferred:
+                self._swap_now(table, pending.resident, pending.deferred)
+            else:
+                self.apply(table, pending.resident, pending.new_pages)
         req = self.req_of(table)
         self.write_through(table, seq_len, req)
         # The set selected now is swapped in at the next boundary: a request that ends before
@@ -335,7 +339,9 @@ class WindowCycle:
         if misses:
             pages = self._alloc_spare(len(misses))
             if pages is None:
-                self._swap_now(table, resident)
+                # swapped in at the same boundary as a prefetched set would be (so answers do not
+                # depend on the load), copied then, after the chunks it drops are released
+                table.pending = Pending(resident, {}, None, deferred=misses)
                 return
             new_pages = dict(zip(misses, pages))
         future = None
@@ -351,14 +357,15 @@ class WindowCycle:
             self.server.count(table.stats, chunks_copied=len(misses), bytes_copied=len(misses) * self.cells.page_bytes)
         table.pending = Pending(resident, new_pages, future)
 
-    def _swap_now(self, table: ChunkTable, resident: set[int]) -> None:
-        """Switch to `resident` at once: no memory beyond what admission reserved is spare for
-        a double-buffered prefetch, so the chunks the new set drops are released first and
-        its misses are copied synchronously into their cells (a counted stall). The request
-        never holds more than its budget, which is what admission reserved for it."""
+    def _swap_now(self, table: ChunkTable, resident: set[int], misses: list[int]) -> None:
+        """Switch to `resident` when no memory beyond what admission reserved was spare for a
+        double-buffered prefetch: the chunks the new set drops are released first and its
+        `misses` (those it lacked when it was selected, as a prefetch would have copied) that
+        are still absent are copied synchronously into their cells (a counted stall). The
+        request never holds more than its budget, which is what admission reserved for it."""
         t = time.perf_counter()
         self.apply(table, resident & table.resident, {})
-        misses = sorted(resident - table.resident)
+        misses = [c for c in misses if c not in table.resident]
         pages = self.cells.alloc(len(misses))
         if pages is None:  # only when a running request outgrew its reservation
             self.server.alloc_denied += 1
