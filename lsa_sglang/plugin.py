@@ -1,4 +1,5 @@
-"""The one place that touches SGLang internals: registration through `sglang.srt.plugins`.
+"""Registration through `sglang.srt.plugins` (with attention/backend.py and memory/radix.py, the
+only modules that touch SGLang internals; all three get this process's `session.Session`).
 
 SGLang calls `register()` early in every process it starts (CLI, Engine, scheduler,
 detokenizer). It registers:
