@@ -76,10 +76,6 @@ class LSAMemoryManager:
         is short, and admission hands prompt pages over from it."""
         self.cells.radix = radix
 
-    @property
-    def radix(self):
-        return self.cells.radix
-
     # -- per forward -------------------------------------------------------------------
     def prepare_decode(self, req_pool_indices: list[int], seq_lens: list[int], rids: list[str]):
         """Called once per decode forward, before any layer runs. Returns per request the
@@ -182,7 +178,7 @@ class LSAMemoryManager:
         if selection is None:
             selection = set(table.resident)
         tree_owned = req is not None and req.lock is not None and req.kv.cache_protected_len >= self.cs
-        if tree_owned and not self.radix.hand_over(req, table, selection):
+        if tree_owned and not self.cells.radix.hand_over(req, table, selection):
             self.server.alloc_denied += 1
             self._give_up(table)
             return table

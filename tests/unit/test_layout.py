@@ -16,6 +16,24 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _imported_names(mod: str, path: Path) -> set[str]:
+    """Every dotted name the module imports (relative imports resolved; for `from a import b`
+    both `a` and `a.b`)."""
+    package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                up = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(up + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    return names
+
+
 def _import_graph() -> dict[str, set[str]]:
     modules = _modules()
 
@@ -24,22 +42,10 @@ def _import_graph() -> dict[str, set[str]]:
             name = name.rpartition(".")[0]
         return name or None
 
-    graph: dict[str, set[str]] = {m: set() for m in modules}
+    graph: dict[str, set[str]] = {}
     for mod, path in modules.items():
-        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Import):
-                names = [a.name for a in node.names]
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    up = package.split(".")[: len(package.split(".")) - node.level + 1]
-                    base = ".".join(up + ([base] if base else []))
-                names = [base] + [f"{base}.{a.name}" for a in node.names]
-            else:
-                continue
-            targets = {known(n) for n in names if n.startswith("lsa_sglang")}
-            graph[mod] |= targets - {None, mod}
+        targets = {known(n) for n in _imported_names(mod, path) if n.startswith("lsa_sglang")}
+        graph[mod] = targets - {None, mod}
     return graph
 
 
@@ -100,13 +106,8 @@ def test_the_package_has_no_import_cycles():
 def test_only_the_registered_pieces_import_sglang():
     """SGLang internals stay in the modules the plugin registers (plus the launcher and metrics,
     which use SGLang's public launcher and metrics), so an SGLang upgrade is a change there."""
-    importers = set()
-    for mod, path in _modules().items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-            if any(n == "sglang" or n.startswith("sglang.") for n in names):
-                importers.add(mod)
+    importers = {mod for mod, path in _modules().items()
+                 if any(n == "sglang" or n.startswith("sglang.") for n in _imported_names(mod, path))}
     assert importers == {
         "lsa_sglang.plugin", "lsa_sglang.attention.backend", "lsa_sglang.memory.radix",
         "lsa_sglang.launch_server", "lsa_sglang.metrics",
