@@ -4,7 +4,7 @@ scaffold both command lines (`lsa-sglang`, `lsa-bench`) are built on (`Command`,
 
 To add a subcommand, add one `Command` to `COMMANDS` (or call `register_command`): a help line,
 a function adding its arguments to its own sub-parser, and a function running it that returns an
-exit code. Keep heavy imports (torch, sglang) inside the run functions so `lsa-sglang --help` and
+exit code; or a help line and `script=`, a module with its own `main(argv, prog)`. Keep heavy imports (torch, sglang) inside the run functions so `lsa-sglang --help` and
 `fetch-model` on a warm cache stay fast.
 
 Conventions: stdout carries only a command's result (for `fetch-model`, the model folder, so
@@ -29,11 +29,18 @@ class CliError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    """One subcommand: how to declare its arguments and how to run it."""
+    """One subcommand: how to declare its arguments and how to run it; or, for a `script`
+    command, the module whose `main(argv, prog) -> int` parses its own arguments and runs
+    (`PROG NAME ARGS...`; `PROG NAME --help` prints the module's help)."""
 
     help: str
-    add_args: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None
+    run: Callable[[argparse.Namespace], int] | None = None
+    script: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.script is None) == (self.run is None):
+            raise ValueError("a Command has either run (with add_args) or script")
 
 
 def _add_home(parser: argparse.ArgumentParser) -> None:
@@ -287,18 +294,30 @@ def command_parser(prog: str, description: str, commands: dict[str, Command], ve
         parser.add_argument("--version", action="version", version=f"%(prog)s {version}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in commands.items():
+        if command.script is not None:  # its module parses the rest of the command line
+            sp = sub.add_parser(name, help=command.help, add_help=False)
+            sp.set_defaults(_script=command.script)
+            continue
         sp = sub.add_parser(name, help=command.help, description=command.help)
-        command.add_args(sp)
+        if command.add_args is not None:
+            command.add_args(sp)
         sp.set_defaults(_run=command.run)
     return parser
 
 
 def run_command(prog: str, parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
     """Parse `argv`, run the chosen command, turn expected failures into exit status 1."""
+    import importlib
+
     from lsa_sglang.assets import AssetError
 
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    script = getattr(args, "_script", None)
+    if script is None and rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if script is not None:
+            return int(importlib.import_module(script).main(rest, prog=f"{prog} {args.command}") or 0)
         return int(args._run(args) or 0)
     except (CliError, AssetError) as exc:
         print(f"{prog} {args.command}: error: {exc}", file=sys.stderr)

@@ -4,9 +4,9 @@
 # limits add up to about 7 minutes):
 #   1. nvidia-smi -L
 #   2. python3 -m pytest -q tests/gpu                       (FlashInfer tests skip without it)
-#   3. python3 bench/kernels.py     --json OUTDIR/kernels-<device>.json
-#   4. python3 bench/decode_loop.py --json OUTDIR/decode-loop-<device>.json
-#   5. python3 bench/planning.py --device cuda --json OUTDIR/planning-<device>.json (seconds)
+#   3. python3 -m lsa_sglang.bench kernels     --json OUTDIR/kernels-<device>.json
+#   4. python3 -m lsa_sglang.bench decode-loop --json OUTDIR/decode-loop-<device>.json
+#   5. python3 -m lsa_sglang.bench planning --device cuda --json OUTDIR/planning-<device>.json (seconds)
 # Every step has a time limit; a failing step does not stop the next ones, but the script
 # exits non-zero if any failed. Everything is logged to OUTDIR/gpu_check.log and a summary
 # table is printed at the end.
@@ -130,21 +130,21 @@ if [ "$SMOKE" = 1 ]; then
   skip_step nvidia-smi "smoke"
   skip_step pytest-gpu "smoke"
   run_step kernels 120 "$OUTDIR/kernels-$DEVICE.json" \
-    "$PY" bench/kernels.py --batch 1 2 --context 1024 --budget 256 --iters 2 --layers 2 --copy-chunks 2 \
+    "$PY" -m lsa_sglang.bench kernels --batch 1 2 --context 1024 --budget 256 --iters 2 --layers 2 --copy-chunks 2 \
     --threads 1 --json "$OUTDIR/kernels-$DEVICE.json"
   run_step decode-loop 180 "$OUTDIR/decode-loop-$DEVICE.json" \
-    "$PY" bench/decode_loop.py --smoke --json "$OUTDIR/decode-loop-$DEVICE.json"
+    "$PY" -m lsa_sglang.bench decode-loop --smoke --json "$OUTDIR/decode-loop-$DEVICE.json"
   run_step planning 120 "$OUTDIR/planning-$DEVICE.json" \
-    "$PY" bench/planning.py --batch 8 --context 1024 --reps 5 --json "$OUTDIR/planning-$DEVICE.json"
+    "$PY" -m lsa_sglang.bench planning --batch 8 --context 1024 --reps 5 --json "$OUTDIR/planning-$DEVICE.json"
 else
   run_step nvidia-smi 30 "" nvidia-smi -L
   run_step pytest-gpu 150 "" "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu
   run_step kernels 60 "$OUTDIR/kernels-$DEVICE.json" \
-    "$PY" bench/kernels.py --json "$OUTDIR/kernels-$DEVICE.json"
+    "$PY" -m lsa_sglang.bench kernels --json "$OUTDIR/kernels-$DEVICE.json"
   run_step decode-loop 160 "$OUTDIR/decode-loop-$DEVICE.json" \
-    "$PY" bench/decode_loop.py --time-budget-s 110 --json "$OUTDIR/decode-loop-$DEVICE.json"
+    "$PY" -m lsa_sglang.bench decode-loop --time-budget-s 110 --json "$OUTDIR/decode-loop-$DEVICE.json"
   run_step planning 30 "$OUTDIR/planning-$DEVICE.json" \
-    "$PY" bench/planning.py --device cuda --json "$OUTDIR/planning-$DEVICE.json"
+    "$PY" -m lsa_sglang.bench planning --device cuda --json "$OUTDIR/planning-$DEVICE.json"
 fi
 
 log ""

@@ -1,4 +1,4 @@
-"""`lsa-bench`: accuracy and throughput of LSA against stock SGLang, over HTTP.
+"""`lsa-bench`: every benchmark of LSA: answers, memory and throughput against stock SGLang, kernels.
 
     lsa-bench tasks                                   # the task list
     lsa-bench sample --task niah_single --length 4K  # print one prompt and its answers
@@ -7,6 +7,8 @@
     lsa-bench throughput --model-path P --context L --concurrency C,.. [--max-total-tokens N]
     lsa-bench kits --model-path P [--kits K,..] [--variants short,long]   # SGLang's kits, stock vs LSA
     lsa-bench soak --model-path P [--requests 1000] [--concurrency 12]   # mixed load + bad input
+    lsa-bench footprint | prefix | window0                # one server / offline studies (--help each)
+    lsa-bench kernels | decode-loop | planning            # kernel and decode-loop timings (torch only)
 
 `accuracy` works against any SGLang-compatible server. `compare` and `throughput` start the
 servers themselves, one at a time (stock SGLang, then LSA), with the same flags and KV budget, or
@@ -725,6 +727,20 @@ COMMANDS = {
     "kits": Command("SGLang's own server test kits against stock and LSA: a parity table", _kits_args, _kits_run),
     "soak": Command("a bounded soak of one LSA server: mixed traffic, bad input, aborts, back at baseline",
                     _soak_args, _soak_run),
+    # Benchmarks that parse their own flags (--help shows them). kernels, decode-loop and planning
+    # need only torch and triton: on a bare GPU host, `python -m lsa_sglang.bench decode-loop ...`.
+    "footprint": Command("device KV and decode tokens/s of one long prompt, LSA on vs off, one server",
+                         script="lsa_sglang.bench.footprint"),
+    "prefix": Command("multi-turn chat over a long document, LSA with vs without the prefix cache",
+                      script="lsa_sglang.bench.prefix"),
+    "window0": Command("window-0 selection rules judged by answers, offline (transformers, no server)",
+                       script="lsa_sglang.bench.window0"),
+    "kernels": Command("sparse decode, chunk scoring and copy kernels vs dense decode (GPU timings)",
+                       script="lsa_sglang.bench.kernels"),
+    "decode-loop": Command("synthetic LSA decode loop vs dense paged decode at equal device KV (GPU; --smoke on CPU)",
+                           script="lsa_sglang.bench.decode_loop"),
+    "planning": Command("per-step sparse decode planning cost: per-request loop vs DecodePlan",
+                        script="lsa_sglang.bench.planning"),
 }
 
 

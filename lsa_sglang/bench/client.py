@@ -1,12 +1,15 @@
 """The few HTTP routes lsa-bench uses, on any SGLang-compatible server.
 
-`/generate` (raw text in, so the prompt is exactly what the generator fitted), `/model_info`,
+`/generate` (raw text in, so the prompt is exactly what the generator fitted; or token ids,
+streamed, for time to first token), `/tokenize`, `/model_info`,
 `/server_info`, `/v1/loads` (SGLang's live load: running requests, used KV tokens) and, on an LSA
 server, `/lsa/stats` (per-request device/full KV bytes). A route a server lacks reads as None.
 """
 
 from __future__ import annotations
 
+import json
+import time
 from typing import Any
 
 import requests
@@ -60,6 +63,35 @@ class ServerClient:
         if isinstance(finish, dict) and finish.get("type") == "abort":
             raise ServerError(f"{self.url}/generate: aborted: {finish.get('message')}")
         return out
+
+    def stream(self, input_ids: list[int], sampling_params: dict[str, Any]) -> dict[str, Any]:
+        """Streamed `/generate` of token ids: the last chunk (`output_ids`, `meta_info`) plus
+        `ttft_s` (seconds to the first chunk) and `total_s`."""
+        body = {"input_ids": input_ids, "sampling_params": sampling_params, "stream": True}
+        t0 = time.perf_counter()
+        first, last = None, None
+        try:
+            with requests.post(self.url + "/generate", json=body, stream=True, timeout=self.timeout) as r:
+                if r.status_code != 200:
+                    raise ServerError(f"{self.url}/generate: HTTP {r.status_code}: {r.text[:500]}")
+                for line in r.iter_lines():
+                    if line.startswith(b"data: ") and line != b"data: [DONE]":
+                        first = first or time.perf_counter()
+                        last = json.loads(line[6:])
+        except requests.RequestException as e:
+            raise ServerError(f"{self.url}/generate: {e}") from e
+        if last is None:
+            raise ServerError(f"{self.url}/generate: the stream carried no output")
+        return {**last, "ttft_s": first - t0, "total_s": time.perf_counter() - t0}
+
+    def tokenize(self, text: str) -> list[int]:
+        try:
+            r = requests.post(self.url + "/tokenize", json={"prompt": text}, timeout=120)
+        except requests.RequestException as e:
+            raise ServerError(f"{self.url}/tokenize: {e}") from e
+        if r.status_code != 200:
+            raise ServerError(f"{self.url}/tokenize: HTTP {r.status_code}: {r.text[:500]}")
+        return r.json()["tokens"]
 
     def model_info(self) -> dict[str, Any]:
         return self._get("/model_info") or self._get("/get_model_info") or {}

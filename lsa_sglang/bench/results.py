@@ -36,7 +36,7 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _git() -> dict[str, Any] | None:
+def git_info() -> dict[str, Any] | None:
     if not (REPO_ROOT / ".git").exists() or shutil.which("git") is None:
         return None
     def run(*args: str) -> str:
@@ -107,7 +107,7 @@ def run_metadata(model_path: str | None = None, **extra: Any) -> dict[str, Any]:
             "python": platform.python_version(),
             **{d: _version(d) for d in ("lsa-sglang", "sglang", "torch", "transformers", "flashinfer-python")},
         },
-        "git": _git(),
+        "git": git_info(),
         **extra,
     }
 

@@ -251,6 +251,12 @@ def common_flags(*, dtype: str | None, context_length: int | None, max_total_tok
     return flags + list(extra or [])
 
 
+# A small server (fp32, 8K context, 32K-token pool, 8 running requests): the footprint and
+# prefix benchmarks, the same flags as the integration tests.
+SMALL_SERVER_FLAGS = common_flags(dtype="float32", context_length=8192, max_total_tokens=32768,
+                                  max_running_requests=8, mem_fraction_static=None)
+
+
 def logs_dir(path: str | None) -> Path:
     if path:
         return Path(path)

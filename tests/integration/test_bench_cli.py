@@ -104,6 +104,32 @@ def test_throughput_dense_vs_lsa(bench_server, model_path, tmp_path, capsys):
     assert (tmp_path / "tp.png").stat().st_size > 1000
 
 
+def test_footprint_decodes_one_prompt_lsa_on_and_off(bench_server, tmp_path, capsys):
+    from lsa_sglang.bench.cli import main
+
+    out = tmp_path / "fp.json"
+    assert main(["footprint", "--url", bench_server.url, "--context", "900", "--new", "8", "--json", str(out)]) == 0
+    assert "LSA/dense: device KV" in capsys.readouterr().out
+    lsa, dense = json.loads(out.read_text())["rows"]
+    assert lsa["lsa"] and not dense["lsa"]
+    assert lsa["prompt_tokens"] == dense["prompt_tokens"] == 900
+    assert lsa["full_kv_bytes"] == dense["full_kv_bytes"] > 0
+    # 900 tokens is over the test preset's budget + tail: LSA holds less than the full KV, off holds it all
+    assert lsa["device_kv_bytes_peak"] < dense["device_kv_bytes_peak"] == dense["full_kv_bytes"]
+    assert lsa["decode_tok_s"] > 0 and 0 < lsa["ttft_s"]
+
+
+def test_script_commands_parse_their_own_flags(capsys):
+    from lsa_sglang.bench.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["planning", "--help"])
+    assert e.value.code == 0 and "usage: lsa-bench planning" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["tasks", "--reps", "3"])  # a flag of another command is refused, not passed on
+    assert e.value.code == 2 and "unrecognized arguments: --reps 3" in capsys.readouterr().err
+
+
 def test_server_helper_stops_the_whole_process_group(bench_server):
     pgid = os.getpgid(bench_server.proc.pid)
     bench_server.stop()

@@ -1,4 +1,4 @@
-"""A CI-sized soak of the LSA server (the full one: `lsa-bench soak`, bench/soak.py).
+"""A CI-sized soak of the LSA server (the full one: `lsa-bench soak`).
 
 Mixed traffic with bad input, aborts and disconnects against the session's LSA server (test
 preset: short windows, a host mirror that holds one near-context prompt, released cells

@@ -1,4 +1,4 @@
-"""CI form of the GPU benchmarks: bench/decode_loop.py --smoke and scripts/gpu_check.sh --smoke on CPU."""
+"""CI form of the GPU benchmarks: `lsa-bench decode-loop --smoke` and scripts/gpu_check.sh --smoke on CPU."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def test_decode_loop_smoke_writes_the_fields_and_matches_the_reference(tmp_path)
     out = tmp_path / "decode.json"
     # The interpreter also runs the Triton kernel on the checked sample.
     proc = subprocess.run(
-        [sys.executable, "bench/decode_loop.py", "--smoke", "--json", str(out)],
+        [sys.executable, "-m", "lsa_sglang.bench", "decode-loop", "--smoke", "--json", str(out)],
         cwd=ROOT, env=_env(TRITON_INTERPRET="1"), capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr

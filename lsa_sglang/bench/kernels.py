@@ -11,7 +11,7 @@ Paths: ``torch`` (reference), ``triton`` (split-K), ``flashinfer`` (sparse pages
 indexer's ``score-*`` and the window's ``copy-h2d`` rows. On a CPU host only the torch
 timings run (the Triton interpreter and FlashInfer say nothing about GPU speed).
 
-    python bench/kernels.py [--json OUT]
+    lsa-bench kernels [--json OUT]
 GPU results are committed as bench/results/kernels-<device>.json.
 """
 
@@ -22,18 +22,14 @@ import json
 import platform
 import re
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
-from lsa_sglang.kernels import (  # noqa: E402
+from lsa_sglang.kernels import (
     FlashInferSparseDecoder,
     SplitWorkspace,
     copy_chunks_to_device,
@@ -220,8 +216,8 @@ def _row(device, path, batch, budget, context, seconds, gbps, hbm) -> Dict[str, 
     }
 
 
-def parse_args(argv: Optional[List[str]], cuda: bool) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[List[str]], cuda: bool, prog: Optional[str] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write the rows to this JSON file")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 32] if cuda else [1, 4])
     ap.add_argument("--context", type=int, default=131072 if cuda else 8192, help="tokens per request")
@@ -238,10 +234,10 @@ def parse_args(argv: Optional[List[str]], cuda: bool) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    args = parse_args(argv, cuda)
+    args = parse_args(argv, cuda, prog)
     if args.threads:
         torch.set_num_threads(args.threads)
     if not cuda:

@@ -34,8 +34,8 @@ Host memory: one shared pinned host mirror (``--host-gib``) into which every req
 chunk ids map (slot = (request * chunks + chunk) mod slots); the copies move real bytes
 of the real size, the mirror just does not hold a distinct copy of every request.
 
-    python bench/decode_loop.py --json OUT.json           # GPU (under a minute on an H200)
-    python bench/decode_loop.py --smoke --json OUT.json   # CPU, tiny shapes, a few seconds
+    lsa-bench decode-loop --json OUT.json           # GPU (under a minute on an H200)
+    lsa-bench decode-loop --smoke --json OUT.json   # CPU, tiny shapes, a few seconds
 
 ``--smoke`` runs the same loop on CPU at tiny shapes with the torch reference decode and
 the side stream replaced by ``SyncCopyStandIn`` (copies done synchronously, host clock).
@@ -58,11 +58,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
-from lsa_sglang.kernels import (  # noqa: E402
+from lsa_sglang.kernels import (
     SplitWorkspace,
     copy_chunks_to_device,
     copy_chunks_to_host,
@@ -708,8 +705,8 @@ def plan_batches(fits: int, cap: int, sweep: List[int]) -> List[int]:
     return sorted({b for b in sweep if b <= top} | {top})
 
 
-def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def parse_args(argv: Optional[List[str]], prog: Optional[str] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--json", type=Path, help="write all numbers here")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny shapes, torch reference, synchronous copies")
     ap.add_argument("--contexts", type=int, nargs="+")
@@ -746,8 +743,8 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = parse_args(argv)
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    args = parse_args(argv, prog)
     wall0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not args.smoke
     if not cuda and not args.smoke:

@@ -12,7 +12,7 @@ Also reported per rule: the needle recall (the fraction of answer strings whose 
 resident chunks) and, for reference, an *oracle* that picks by the attention the dense decode of the
 answer itself paid (the upper bound for any prediction of what the answer reads).
 
-    .venv/bin/python bench/window0.py --tasks niah_multikey niah_multivalue --samples 3 --seed 9500 \\
+    lsa-bench window0 --tasks niah_multikey niah_multivalue --samples 3 --seed 9500 \\
         --json bench/results/window0-qwen2.5-0.5b.json
 
 Prefills are cached under ``--cache`` (fp32 KV, ~200 MB per 8K prompt), so a rule added later costs
@@ -33,6 +33,8 @@ import torch
 
 from lsa_sglang.assets import model_path_or_fetch
 from lsa_sglang.bench.scoring import string_match_all
+from lsa_sglang.bench.servers import REPO_ROOT
+from lsa_sglang.cli import CliError
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import (
@@ -278,16 +280,16 @@ def equal_bytes(cfg, cs: int) -> SelectionParams:
     tail kept in tokens (one chunk per page)."""
     per = cfg.chunk_size * cfg.chunks_per_page
     if (cfg.page_budget * per) % cs or (cfg.sink_chunks * cfg.chunk_size) % cs:
-        raise SystemExit(f"chunk size {cs} does not divide the preset's budget or sink")
+        raise CliError(f"chunk size {cs} does not divide the preset's budget or sink")
     return SelectionParams.from_config(cfg.replace(
         chunk_size=cs, chunks_per_page=1, page_budget=cfg.page_budget * per // cs,
         sink_chunks=cfg.sink_chunks * cfg.chunk_size // cs, min_pages=0))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="qwen2.5-0.5b")
-    ap.add_argument("--preset", default="server_configs/cpu-qwen2.5-0.5b.yaml")
+    ap.add_argument("--preset", default=str(REPO_ROOT / "server_configs" / "cpu-qwen2.5-0.5b.yaml"))
     ap.add_argument("--tasks", nargs="+", default=["niah_multikey", "niah_multivalue"])
     ap.add_argument("--length", type=int, default=8192)
     ap.add_argument("--samples", type=int, default=2)
@@ -313,7 +315,7 @@ def main() -> None:
                     help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     cfg = read_preset(args.preset)[0]
     if args.budget is not None:
@@ -407,7 +409,8 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"kind": "window0", "args": vars(args), "summary": summary,
                                                "records": records}, indent=1))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ random tables (default: batch 64, 8K-token contexts, chunk 64, 16 resident chunk
 sink + 7 selected + 8 recency, and an unmirrored partial tail), after checking they
 give identical tensors.
 
-    python bench/planning.py [--device cpu|cuda] [--json bench/results/planning-cpu.json]
+    lsa-bench planning [--device cpu|cuda] [--json bench/results/planning-cpu.json]
 """
 
 from __future__ import annotations
@@ -26,11 +26,8 @@ from typing import Callable, List, Optional
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # running from a checkout without `pip install -e .`
-    sys.path.insert(0, str(ROOT))
 
-from lsa_sglang.kernels.planning import (  # noqa: E402
+from lsa_sglang.kernels.planning import (
     DecodePlan,
     plan_sparse_decode,
     plan_sparse_decode_loop,
@@ -73,8 +70,8 @@ def median_us(fn: Callable[[], object], device: torch.device, reps: int, warmup:
     return statistics.median(samples) * 1e6
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def main(argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--context", type=int, default=8192)

@@ -1,6 +1,6 @@
 """Multi-turn chat over a long document, LSA with the prefix cache vs LSA without it.
 
-    python bench/prefix.py [--model smollm2-135m] [--doc 6000] [--turns 8] [--new 32] [--json OUT]
+    lsa-bench prefix [--model smollm2-135m] [--doc 6000] [--turns 8] [--new 32] [--json OUT]
 
 Starts `lsa_sglang.launch_server` twice on the embedded model with the CPU preset, the same
 flags except `--disable-radix-cache` on the second, and plays the same conversation on each:
@@ -16,88 +16,64 @@ import argparse
 import json
 import platform
 import random
-import subprocess
-import sys
-import time
+import tempfile
 from pathlib import Path
 
-import requests
-
-ROOT = Path(__file__).parents[1]
-sys.path.insert(0, str(ROOT / "tests" / "integration"))
+from lsa_sglang.bench.client import ServerClient
+from lsa_sglang.bench.results import git_info
+from lsa_sglang.bench.servers import REPO_ROOT, SMALL_SERVER_FLAGS, ManagedServer, flag_value, lsa_server
 
 WORDS = ("river stone lamp orchard violet copper window meadow harbor pencil thunder saddle lantern "
          "marble cedar falcon velvet glacier compass ember").split()
 
 
-def start(model: str, preset: str, cache: bool, log: Path):
-    from conftest import COMMON_FLAGS, start_server  # same launcher flags as the tests
-
+def start(model: str, preset: str, cache: bool) -> ManagedServer:
     from lsa_sglang.assets import model_path_or_fetch
 
-    cmd = [sys.executable, "-m", "lsa_sglang.launch_server", "--model-path", str(model_path_or_fetch(model)),
-           "--lsa-config", preset, *COMMON_FLAGS]
-    return start_server(cmd + ([] if cache else ["--disable-radix-cache"]), log)
+    log = Path(tempfile.gettempdir()) / f"lsa-bench-prefix-{int(cache)}.log"
+    flags = SMALL_SERVER_FLAGS + ([] if cache else ["--disable-radix-cache"])
+    return lsa_server(str(model_path_or_fetch(model)), preset, flags, log).start()
 
 
-def tokens(url: str, text: str) -> list[int]:
-    return requests.post(url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]
-
-
-def turn(url: str, ids: list[int], new: int) -> dict:
-    body = {"input_ids": ids, "stream": True,
-            "sampling_params": {"max_new_tokens": new, "temperature": 0, "ignore_eos": True}}
-    t0 = time.perf_counter()
-    first, meta, out = None, {}, []
-    with requests.post(url + "/generate", json=body, stream=True, timeout=3600) as r:
-        r.raise_for_status()
-        for line in r.iter_lines():
-            if line.startswith(b"data: ") and line != b"data: [DONE]":
-                first = first or time.perf_counter()
-                chunk = json.loads(line[6:])
-                meta, out = chunk["meta_info"], chunk["output_ids"]
-    st = requests.get(url + "/lsa/stats", timeout=60).json()
-    req = next(x for x in st["requests"] if x["rid"] == meta["id"])
+def turn(client: ServerClient, ids: list[int], new: int) -> dict:
+    out = client.stream(ids, {"max_new_tokens": new, "temperature": 0, "ignore_eos": True})
+    meta = out["meta_info"]
+    req = client.request_stats(meta["id"])
     return {
         "prompt_tokens": len(ids), "cached_tokens": meta.get("cached_tokens", 0),
-        "prefill_tokens": len(ids) - meta.get("cached_tokens", 0), "ttft_s": first - t0,
+        "prefill_tokens": len(ids) - meta.get("cached_tokens", 0), "ttft_s": out["ttft_s"],
         "peak_device_kv_bytes": req["peak_device_kv_bytes"], "full_kv_bytes": req["full_kv_bytes"],
-        "output_ids": out, "device_free_tokens": st["server"]["device_free_tokens"],
+        "output_ids": out["output_ids"], "device_free_tokens": client.lsa_stats()["server"]["device_free_tokens"],
     }
 
 
-def conversation(url: str, doc_tokens: int, turns: int, new: int) -> list[dict]:
+def conversation(client: ServerClient, doc_tokens: int, turns: int, new: int) -> list[dict]:
     rng = random.Random(0)
-    doc = tokens(url, "Remember: the secret code is 4817. " + " ".join(rng.choice(WORDS) for _ in range(doc_tokens)))
+    doc = client.tokenize("Remember: the secret code is 4817. " + " ".join(rng.choice(WORDS) for _ in range(doc_tokens)))
     history = doc[:doc_tokens]
     rows = []
     for i in range(turns):
-        history = history + tokens(url, f"\nQuestion {i + 1}: which word comes after '{rng.choice(WORDS)}'? Answer:")
-        row = turn(url, history, new)
+        history = history + client.tokenize(f"\nQuestion {i + 1}: which word comes after '{rng.choice(WORDS)}'? Answer:")
+        row = turn(client, history, new)
         history = history + row.pop("output_ids")
         rows.append(row)
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--preset", default=str(ROOT / "server_configs/cpu-smollm2.yaml"))
+    ap.add_argument("--preset", default=str(REPO_ROOT / "server_configs" / "cpu-smollm2.yaml"))
     ap.add_argument("--doc", type=int, default=6000)
     ap.add_argument("--turns", type=int, default=8)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--json")
-    args = ap.parse_args()
-    from conftest import COMMON_FLAGS, stop_server
-
-    pool = int(COMMON_FLAGS[COMMON_FLAGS.index("--max-total-tokens") + 1])
+    args = ap.parse_args(argv)
+    pool = int(flag_value(SMALL_SERVER_FLAGS, "--max-total-tokens"))
     runs = {}
     for mode, cache in (("prefix cache", True), ("no prefix cache", False)):
-        server = start(args.model, args.preset, cache, Path(f"/tmp/lsa-bench-prefix-{int(cache)}.log"))
-        try:
-            rows = conversation(server.url, args.doc, args.turns, args.new)
-        finally:
-            stop_server(server.proc)
+        with start(args.model, args.preset, cache) as server:
+            rows = conversation(ServerClient(server.url), args.doc, args.turns, args.new)
         for r in rows:
             r["pool_used_tokens"] = pool - r.pop("device_free_tokens")
         runs[mode] = rows
@@ -126,11 +102,10 @@ def main() -> None:
     if args.json:
         out = {"machine": platform.machine(), "host": "cpu", "model": args.model, "preset": args.preset,
                "doc_tokens": args.doc, "turns": args.turns, "new_tokens": args.new, "runs": runs,
-               "summary": summary,
-               "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True, cwd=ROOT).stdout.strip()}
+               "summary": summary, "git": git_info()}
         Path(args.json).write_text(json.dumps(out, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
