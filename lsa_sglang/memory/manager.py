@@ -30,7 +30,7 @@ from typing import Any
 from lsa_sglang.config import LSAConfig
 from lsa_sglang.memory.cells import DeviceCells
 from lsa_sglang.memory.host_mirror import HostMirror
-from lsa_sglang.memory.state import ChunkTable, RequestStats, ServerStats, chunk_cap, steps_left
+from lsa_sglang.memory.state import ChunkTable, RequestEntry, RequestStats, ServerStats, chunk_cap, steps_left
 from lsa_sglang.memory.window import WindowCycle
 
 logger = logging.getLogger(__name__)
@@ -60,13 +60,9 @@ class LSAMemoryManager:
         self.windows = WindowCycle(self.cells, self.host, capture, indexer, self.server,
                                    req_of=lambda t: self._req(t.req_pool_idx, t.rid),
                                    reserved_tokens=self.reserved_tokens)
+        self.requests: dict[str, RequestEntry] = {}  # rid -> the request, built to end
         self.tables: dict[int, ChunkTable] = {}  # req_pool_idx -> its table, admission to end
         self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
-        # by rid, from the Req's construction to its end:
-        self.reqs: weakref.WeakValueDictionary = weakref.WeakValueDictionary()  # the scheduler's Req
-        self.overrides: dict[str, dict[str, Any]] = {}  # its per-request LSA overrides
-        self.host_reserved: dict[str, int] = {}  # host slots promised between prefill admission and mirroring
-        self._host_waited: set[str] = set()
         from lsa_sglang.metrics import maybe_metrics
 
         self.metrics = maybe_metrics()
@@ -109,8 +105,8 @@ class LSAMemoryManager:
         return tables
 
     def _config_for(self, rid: str) -> LSAConfig:
-        over = self.overrides.get(rid)
-        return self.config.replace(**over) if over else self.config
+        entry = self.requests.get(rid)
+        return self.config if entry is None else entry.config
 
     def query_rows(self, rid: str) -> int:
         """Prompt rows whose queries window 0 reads (0: the request's policy reads none)."""
@@ -124,13 +120,13 @@ class LSAMemoryManager:
     def new_request(self, req, overrides: dict[str, Any]) -> str | None:
         """The scheduler built a Req with these (validated) overrides. Returns why it must be
         refused (its prompt can never fit the host mirror), or None."""
-        self.reqs[req.rid] = req
-        if overrides:
-            self.overrides[req.rid] = overrides
+        config = self.config.replace(**overrides) if overrides else self.config
+        self.requests[req.rid] = RequestEntry(weakref.ref(req), config)
         prompt = len(req.origin_input_ids)
         need = self.host_chunks_needed(prompt)
-        if self._config_for(req.rid).enabled and need > self.host.capacity:
+        if config.enabled and need > self.host.capacity:
             cap = self.host.capacity
+            del self.requests[req.rid]  # refused: it never runs
             return (f"lsa: prompt of {prompt} tokens needs {need} host chunks "
                     f"({need * self.page_bytes / 2**30:.2f} GiB); host_pool_gb allows {cap} "
                     f"({cap * self.page_bytes / 2**30:.2f} GiB)")
@@ -139,26 +135,33 @@ class LSAMemoryManager:
     def try_reserve(self, rid: str, prompt_tokens: int) -> bool:
         """Admission control: a request enters prefill only if its mirror fits next to the
         mirrors of running requests and of those admitted before it."""
-        if not self._config_for(rid).enabled or rid in self.host_reserved:
+        entry = self.requests.get(rid)
+        if entry is None or not entry.config.enabled or entry.host_reserved:
             return True
         need = self.host_chunks_needed(prompt_tokens)
-        if need > self.host.free_slots - sum(self.host_reserved.values()):
+        if need > self.host.free_slots - self.host_reserved_chunks():
             return False
-        self.host_reserved[rid] = need
+        entry.host_reserved = need
         return True
+
+    def host_reserved_chunks(self) -> int:
+        return sum(e.host_reserved for e in self.requests.values())
 
     def unreserve(self, rid: str) -> None:
         """The prefill adder did not take the request after all: it stays queued, unreserved."""
-        self.host_reserved.pop(rid, None)
+        entry = self.requests.get(rid)
+        if entry is not None:
+            entry.host_reserved = 0
 
     def note_host_wait(self, rid: str) -> None:
         """A request waits in the queue because its host mirror does not fit yet."""
-        if rid not in self._host_waited:
-            self._host_waited.add(rid)
+        entry = self.requests.get(rid)
+        if entry is not None and not entry.host_waited:
+            entry.host_waited = True
             self.server.host_waits += 1
 
     def _admit(self, idx: int, rid: str, seq_len: int) -> ChunkTable:
-        self.host_reserved.pop(rid, None)
+        self.unreserve(rid)  # its table holds the host slots from here
         config = self._config_for(rid)
         prompt = seq_len - 1
         table = ChunkTable(rid, idx, config, prompt, stats=RequestStats(rid, prompt_tokens=prompt))
@@ -223,7 +226,11 @@ class LSAMemoryManager:
         """Device tokens the prefill adder keeps free for the running requests: cells admission
         did not reserve (a window's prefetch, a finished row's load-back) come from the rest."""
         reserved = 0
-        for req in list(self.reqs.values()):
+        for rid, entry in list(self.requests.items()):
+            req = entry.live_req()
+            if req is None:  # dropped by the scheduler without an end
+                del self.requests[rid]
+                continue
             if req.finished() or req.kv.req_pool_idx is None:
                 continue
             need = self.decode_need_tokens(req)
@@ -238,7 +245,8 @@ class LSAMemoryManager:
     # -- rows ----------------------------------------------------------------------------
     def _req(self, idx: int, rid: str):
         """The scheduler's Req behind a row (registered when it was built), or None."""
-        req = self.reqs.get(rid)
+        entry = self.requests.get(rid)
+        req = None if entry is None else entry.live_req()
         return req if req is not None and req.kv.req_pool_idx == idx else None
 
     def table_of(self, req) -> ChunkTable | None:
@@ -256,12 +264,18 @@ class LSAMemoryManager:
     # -- end -----------------------------------------------------------------------------
     def end_request(self, idx: int | None, rid: str) -> None:
         """A request ended (finished, aborted, retracted, or left before its first decode
-        step: aborted in the queue or in prefill): everything kept for it goes back."""
+        step: aborted in the queue or in prefill): everything kept for it goes back. A retracted
+        request is queued again and keeps its entry (its overrides), nothing else."""
         if idx is not None:
             self._release(idx)
-        self.host_reserved.pop(rid, None)
-        self._host_waited.discard(rid)
-        self.overrides.pop(rid, None)
+        entry = self.requests.get(rid)
+        if entry is None:
+            return
+        req = entry.live_req()
+        if req is not None and not req.finished():  # retracted: queued again, with its overrides
+            entry.host_reserved, entry.host_waited = 0, False
+        else:
+            del self.requests[rid]
 
     def _release(self, idx: int) -> None:
         """The row's table ends: host slots and prefetched cells go back."""
@@ -272,7 +286,6 @@ class LSAMemoryManager:
         self.host.release(table.host_slots)
         table.stats.finished = True
         self.finished.append(table.stats)
-        self.overrides.pop(table.rid, None)
         self.capture.forget(idx)
         self._publish()
 
@@ -314,7 +327,7 @@ class LSAMemoryManager:
             host_capacity_bytes=self.host.capacity * self.page_bytes,
             chunk_bytes=self.page_bytes,
             running_requests=len(running),
-            host_reserved_bytes=sum(self.host_reserved.values()) * self.page_bytes,
+            host_reserved_bytes=self.host_reserved_chunks() * self.page_bytes,
             device_free_tokens=int(self.cells.allocator.available_size()),
         )
         server["resident_ratio"] = server["device_kv_bytes"] / max(server["full_kv_bytes"], 1)

@@ -1,16 +1,18 @@
 """What the memory manager keeps per request and per server: chunk tables, the window being
 prefetched, and the counters `/lsa/stats` shows.
 
-A request's life: reserved (host slots promised at prefill admission) -> admitted (its first
-decode step: chunks written through, window 0 selected, `ChunkTable` built) -> windows (every
-`tau` steps a new set swaps in) -> released (host slots and prefetched cells go back; its
-`RequestStats` join the finished list).
+A request's life: built (`RequestEntry`: its Req, its config) -> reserved (host slots promised
+at prefill admission) -> admitted (its first decode step: chunks written through, window 0
+selected, `ChunkTable` built) -> windows (every `tau` steps a new set swaps in) -> ended (host
+slots and prefetched cells go back; its `RequestStats` join the finished list; the entry goes).
 """
 
 from __future__ import annotations
 
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -18,6 +20,19 @@ from lsa_sglang.config import LSAConfig
 from lsa_sglang.indexer import SelectionParams, device_budget_chunks
 
 SENTINEL_SLOT = 0  # slot of SGLang's reserved padding page: marks a released chunk in req_to_token
+
+
+@dataclass
+class RequestEntry:
+    """One request, by rid, from the scheduler building its Req to its end."""
+
+    req: weakref.ref  # the scheduler's Req
+    config: LSAConfig  # the server's, with the request's overrides
+    host_reserved: int = 0  # host slots promised from prefill admission until the table mirrors them
+    host_waited: bool = False  # counted once in `ServerStats.host_waits`
+
+    def live_req(self) -> Any:
+        return self.req()
 
 
 @dataclass

@@ -6,6 +6,7 @@ Both servers get their own 8192-token pool; eight 3000-token prompts are sent at
 holds a whole prompt per request (two fit); LSA holds its resident budget (sink + 6 pages +
 recency tail, ~10 chunks) after the first decode step, so the freed pages reopen admission.
 The concurrency is SGLang's own count, read from the scheduler's per-step decode log line.
+A second server retracts on purpose (SGLang's test switch): a retracted request keeps its overrides.
 """
 
 from __future__ import annotations
@@ -84,3 +85,35 @@ def test_lsa_runs_3x_stock_concurrency_with_solo_answers(lsa, model_path, tmp_pa
     for key in ("device_free_tokens", "host_kv_bytes", "host_reserved_bytes", "running_requests"):
         assert end[key] == base[key], (key, end[key], base[key])
     assert stats(lsa)["server"]["alloc_denied"] == base["alloc_denied"]
+
+
+def test_a_retracted_request_keeps_its_overrides_and_nothing_leaks(model_path, tmp_path):
+    """SGLang's own retraction switch (SGLANG_TEST_RETRACT: retract every 5th decode step) on
+    three requests that asked for dense decoding: each one re-admitted after a retraction still
+    decodes densely (its overrides live until it finishes, not until its first release), answers
+    as it does alone, and the pools return to where they started."""
+    flags = ["--dtype", "float32", "--context-length", "4096", "--max-total-tokens", "16384",
+             "--max-running-requests", "4", "--device", "cpu"]
+    server = start_server([sys.executable, "-m", "lsa_sglang.launch_server", "--model-path", model_path,
+                           "--lsa-config", str(PRESET), *flags], tmp_path / "server.log",
+                          env={"SGLANG_TEST_RETRACT": "1", "SGLANG_TEST_RETRACT_INTERVAL": "5"})
+    try:
+        greedy(server, [1, 2, 3], n=2)
+        base = wait_idle(server, flush=True)["server"]
+        prompts = [haystack_ids(server, 1200, seed=700 + i) for i in range(3)]
+        dense = {"enabled": False}
+        with cf.ThreadPoolExecutor(len(prompts)) as ex:
+            outs = list(ex.map(lambda ids: greedy(server, ids, n=40, lsa=dense), prompts))
+        st = wait_idle(server)
+        assert st["server"]["retracted_requests"] > base["retracted_requests"]
+        admissions = {o["meta_info"]["id"]: [r for r in st["requests"] if r["rid"] == o["meta_info"]["id"]]
+                      for o in outs}
+        assert max(len(a) for a in admissions.values()) > 1, admissions  # someone was retracted and came back
+        assert all(not r["lsa_enabled"] for a in admissions.values() for r in a), admissions
+        solo = [greedy(server, ids, n=40, lsa=dense)["output_ids"] for ids in prompts]
+        assert [o["output_ids"] for o in outs] == solo
+        end = wait_idle(server, flush=True)["server"]
+        for key in ("device_free_tokens", "host_kv_bytes", "host_reserved_bytes", "running_requests"):
+            assert end[key] == base[key], (key, end[key], base[key])
+    finally:
+        stop_server(server.proc)
