@@ -4,8 +4,9 @@ scaffold both command lines (`lsa-sglang`, `lsa-bench`) are built on (`Command`,
 
 To add a subcommand, add one `Command` to `COMMANDS` (or call `register_command`): a help line,
 a function adding its arguments to its own sub-parser, and a function running it that returns an
-exit code; or a help line and `script=`, a module with its own `main(argv, prog)`. Keep heavy imports (torch, sglang) inside the run functions so `lsa-sglang --help` and
-`fetch-model` on a warm cache stay fast.
+exit code; or a help line and `script=`, a module with its own `main(argv, prog)`. Keep heavy
+imports (torch, sglang) inside the run functions so `lsa-sglang --help` and `fetch-model` on a
+warm cache stay fast.
 
 Conventions: stdout carries only a command's result (for `fetch-model`, the model folder, so
 `$(lsa-sglang fetch-model)` works in scripts); progress and errors go to stderr. An expected

@@ -58,7 +58,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-
 from lsa_sglang.kernels import (
     SplitWorkspace,
     copy_chunks_to_device,

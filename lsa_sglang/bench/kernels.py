@@ -28,7 +28,6 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-
 from lsa_sglang.kernels import (
     FlashInferSparseDecoder,
     SplitWorkspace,

@@ -26,7 +26,6 @@ from typing import Callable, List, Optional
 
 import torch
 
-
 from lsa_sglang.kernels.planning import (
     DecodePlan,
     plan_sparse_decode,

@@ -227,7 +227,7 @@ class LSAMemoryManager:
         did not reserve (a window's prefetch, a finished row's load-back) come from the rest."""
         reserved = 0
         for rid, entry in list(self.requests.items()):
-            req = entry.live_req()
+            req = entry.req()
             if req is None:  # dropped by the scheduler without an end
                 del self.requests[rid]
                 continue
@@ -246,7 +246,7 @@ class LSAMemoryManager:
     def _req(self, idx: int, rid: str):
         """The scheduler's Req behind a row (registered when it was built), or None."""
         entry = self.requests.get(rid)
-        req = None if entry is None else entry.live_req()
+        req = None if entry is None else entry.req()
         return req if req is not None and req.kv.req_pool_idx == idx else None
 
     def table_of(self, req) -> ChunkTable | None:
@@ -271,7 +271,7 @@ class LSAMemoryManager:
         entry = self.requests.get(rid)
         if entry is None:
             return
-        req = entry.live_req()
+        req = entry.req()
         if req is not None and not req.finished():  # retracted: queued again, with its overrides
             entry.host_reserved, entry.host_waited = 0, False
         else:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -30,9 +29,6 @@ class RequestEntry:
     config: LSAConfig  # the server's, with the request's overrides
     host_reserved: int = 0  # host slots promised from prefill admission until the table mirrors them
     host_waited: bool = False  # counted once in `ServerStats.host_waits`
-
-    def live_req(self) -> Any:
-        return self.req()
 
 
 @dataclass
