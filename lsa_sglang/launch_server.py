@@ -35,7 +35,7 @@ class LaunchError(SystemExit):
         super().__init__(2)
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
+def flag_value(argv: list[str], flag: str) -> str | None:
     for i, a in enumerate(argv):
         if a == flag and i + 1 < len(argv):
             return argv[i + 1]
@@ -66,7 +66,7 @@ def _pop_flag(argv: list[str], flag: str) -> tuple[list[str], str | None]:
     return out, value
 
 
-def _sglang_defaults(defaults: dict[str, Any]) -> list[list[str]]:
+def sglang_flags(defaults: dict[str, Any]) -> list[list[str]]:
     """`{max_total_tokens: 8192, disable_cuda_graph: true}` -> [[flag, value], [flag]]."""
     flags = []
     for key, value in defaults.items():
@@ -82,7 +82,7 @@ def load_preset(path: str | None) -> tuple[LSAConfig, list[list[str]]]:
     if path is None:
         return LSAConfig(), []
     config, sglang_defaults = read_preset(path)
-    per_key = {key: _sglang_defaults({key: value}) for key, value in sglang_defaults.items()}
+    per_key = {key: sglang_flags({key: value}) for key, value in sglang_defaults.items()}
     check_sglang_flags({key: flags[0] for key, flags in per_key.items() if flags})
     return config, [flag for flags in per_key.values() for flag in flags]
 
@@ -171,7 +171,7 @@ def model_hf_config(model_path: str, argv: list[str]) -> dict | None:
     if not cfg.is_file():
         return None
     override: dict = {}
-    raw_override = _flag_value(argv, "--json-model-override-args")
+    raw_override = flag_value(argv, "--json-model-override-args")
     if raw_override:
         try:
             override = json.loads(raw_override)
@@ -184,7 +184,7 @@ def model_hf_config(model_path: str, argv: list[str]) -> dict | None:
         hf = get_config(
             model_path,
             trust_remote_code=_has_flag(argv, "--trust-remote-code"),
-            revision=_flag_value(argv, "--revision"),
+            revision=flag_value(argv, "--revision"),
             model_override_args=override,
         )
         return hf.to_dict()
@@ -249,7 +249,7 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
         if not _has_flag(argv, flag[0]):
             argv += flag
 
-    model = _flag_value(argv, "--model-path") or _flag_value(argv, "--model")
+    model = flag_value(argv, "--model-path") or flag_value(argv, "--model")
     if model is None:
         raise LaunchError("--model-path is required (a model folder or an embedded model name)")
     if not Path(model).exists():
@@ -263,7 +263,7 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
         model = fetched
     try:
         check_against_model(config, model)
-        if _flag_value(argv, "--attention-backend") in (None, BACKEND):
+        if flag_value(argv, "--attention-backend") in (None, BACKEND):
             check_checkpoint(config, model, argv)
     except LSAConfigError as e:
         raise LaunchError(str(e)) from None
@@ -276,7 +276,7 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
             file=sys.stderr,
         )
 
-    backend = _flag_value(argv, "--attention-backend")
+    backend = flag_value(argv, "--attention-backend")
     if backend is None:
         argv += ["--attention-backend", "lsa"]
     elif backend != BACKEND:
@@ -285,7 +285,7 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
             "LSA is inactive on this server",
             file=sys.stderr,
         )
-    page = _flag_value(argv, "--page-size")
+    page = flag_value(argv, "--page-size")
     if page is None:
         argv += ["--page-size", str(config.chunk_size)]
     elif backend in (None, "lsa") and page != str(config.chunk_size):

@@ -21,15 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from lsa_sglang.bench.client import ServerClient
+from lsa_sglang.launch_server import cuda_available, flag_value, sglang_flags
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT_S = 900
-
-
-def cuda_available() -> bool:
-    from lsa_sglang.launch_server import cuda_available as _cuda
-
-    return _cuda()
 
 
 def default_preset() -> Path | None:
@@ -67,14 +62,7 @@ def preset_flags(preset: str | os.PathLike[str] | None) -> list[str]:
     from lsa_sglang.config import read_preset
 
     _, defaults = read_preset(preset)
-    flags: list[str] = []
-    for key, value in defaults.items():
-        flag = "--" + str(key).replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is not False and value is not None:
-            flags += [flag, str(value)]
-    return flags
+    return [part for flag in sglang_flags(defaults) for part in flag]
 
 
 def merge_flags(base: list[str], override: list[str]) -> list[str]:
@@ -91,15 +79,6 @@ def merge_flags(base: list[str], override: list[str]) -> list[str]:
             continue
         out.append(a)
     return out + override
-
-
-def flag_value(flags: list[str], name: str) -> str | None:
-    for i, a in enumerate(flags):
-        if a == name and i + 1 < len(flags):
-            return flags[i + 1]
-        if a.startswith(name + "="):
-            return a.split("=", 1)[1]
-    return None
 
 
 def write_preset(base: str | os.PathLike[str], changes: dict[str, Any], folder: Path) -> Path:

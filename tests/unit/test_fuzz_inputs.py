@@ -312,7 +312,7 @@ def test_preset_fuzz(data):
     expected = {k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items()}
     assert {k: getattr(config, k) for k in expected} == expected
     assert LSAConfig.from_json(config.to_json()) == config
-    assert ls._flag_value(argv, "--page-size") == str(config.chunk_size)
+    assert ls.flag_value(argv, "--page-size") == str(config.chunk_size)
 
 
 @SMALL
@@ -394,7 +394,7 @@ def test_preset_sglang_map_fuzz(sg):
         if value is True:
             assert flag in argv
         elif value is not None and value is not False:
-            assert ls._flag_value(argv, flag) == str(value), (sg, argv)
+            assert ls.flag_value(argv, flag) == str(value), (sg, argv)
 
 
 @SMALL

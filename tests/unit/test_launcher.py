@@ -22,17 +22,17 @@ def test_fills_lsa_flags_and_preset_defaults(tmp_path):
     m = _model_dir(tmp_path)
     argv, config = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg), "--dtype", "bfloat16"])
     assert config.chunk_size == 32
-    assert ls._flag_value(argv, "--attention-backend") == "lsa"
-    assert ls._flag_value(argv, "--page-size") == "32"
-    assert ls._flag_value(argv, "--dtype") == "bfloat16"  # command line beats the preset
-    assert ls._flag_value(argv, "--max-total-tokens") == "4096"
+    assert ls.flag_value(argv, "--attention-backend") == "lsa"
+    assert ls.flag_value(argv, "--page-size") == "32"
+    assert ls.flag_value(argv, "--dtype") == "bfloat16"  # command line beats the preset
+    assert ls.flag_value(argv, "--max-total-tokens") == "4096"
     assert "--lsa-config" not in argv
     # the prefix cache stays on; host-backed LSA rows are evicted first
     assert "--disable-radix-cache" not in argv
-    assert ls._flag_value(argv, "--radix-cache-backend") == "lsa"
-    assert ls._flag_value(argv, "--radix-eviction-policy") == "priority"
+    assert ls.flag_value(argv, "--radix-cache-backend") == "lsa"
+    assert ls.flag_value(argv, "--radix-eviction-policy") == "priority"
     argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg), "--radix-eviction-policy", "lru"])
-    assert ls._flag_value(argv, "--radix-eviction-policy") == "lru"
+    assert ls.flag_value(argv, "--radix-eviction-policy") == "lru"
 
 
 def test_page_size_must_match_chunk_size(tmp_path):
@@ -108,7 +108,7 @@ def test_checkpoint_that_fits_is_accepted(tmp_path):
     model, cfg = _model_with_checkpoint(tmp_path)
     argv, config = ls.prepare_argv(["--model-path", model, "--lsa-config", cfg])
     assert config.indexer_checkpoint == str(tmp_path / "ckpt" / "idx.safetensors")
-    assert ls._flag_value(argv, "--page-size") == "32"
+    assert ls.flag_value(argv, "--page-size") == "32"
 
 
 def test_checkpoint_with_nan_weights_is_refused(tmp_path, capsys):
@@ -151,16 +151,16 @@ def test_bad_checkpoint_stops_the_server_process_with_one_line(tmp_path):
 def test_binds_loopback_unless_host_given(tmp_path, capsys):
     m = _model_dir(tmp_path)
     argv, _ = ls.prepare_argv(["--model-path", m])
-    assert ls._flag_value(argv, "--host") == "127.0.0.1"
+    assert ls.flag_value(argv, "--host") == "127.0.0.1"
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and "127.0.0.1 (loopback only)" in lines[0] and "--host 0.0.0.0" in lines[0]
 
     argv, _ = ls.prepare_argv(["--model-path", m, "--host", "0.0.0.0"])
-    assert ls._flag_value(argv, "--host") == "0.0.0.0" and argv.count("--host") == 1
+    assert ls.flag_value(argv, "--host") == "0.0.0.0" and argv.count("--host") == 1
     argv, _ = ls.prepare_argv(["--model-path", m, "--host=::"])
-    assert ls._flag_value(argv, "--host") == "::" and "--host" not in argv
+    assert ls.flag_value(argv, "--host") == "::" and "--host" not in argv
     cfg = tmp_path / "c.yaml"
     cfg.write_text("sglang:\n  host: 0.0.0.0\n")
     argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg)])
-    assert ls._flag_value(argv, "--host") == "0.0.0.0"
+    assert ls.flag_value(argv, "--host") == "0.0.0.0"
     assert capsys.readouterr().err == ""
