@@ -38,12 +38,13 @@ def start(model: str, preset: str, cache: bool) -> ManagedServer:
 def turn(client: ServerClient, ids: list[int], new: int) -> dict:
     out = client.stream(ids, {"max_new_tokens": new, "temperature": 0, "ignore_eos": True})
     meta = out["meta_info"]
-    req = client.request_stats(meta["id"])
+    stats = client.lsa_stats()
+    req = next(r for r in stats["requests"] if r["rid"] == meta["id"])
     return {
         "prompt_tokens": len(ids), "cached_tokens": meta.get("cached_tokens", 0),
         "prefill_tokens": len(ids) - meta.get("cached_tokens", 0), "ttft_s": out["ttft_s"],
         "peak_device_kv_bytes": req["peak_device_kv_bytes"], "full_kv_bytes": req["full_kv_bytes"],
-        "output_ids": out["output_ids"], "device_free_tokens": client.lsa_stats()["server"]["device_free_tokens"],
+        "output_ids": out["output_ids"], "device_free_tokens": stats["server"]["device_free_tokens"],
     }
 
 

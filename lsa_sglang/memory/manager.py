@@ -61,6 +61,9 @@ class LSAMemoryManager:
                                    req_of=lambda t: self._req(t.req_pool_idx, t.rid),
                                    reserved_tokens=self.reserved_tokens)
         self.requests: dict[str, RequestEntry] = {}  # rid -> the request, built to end
+        # the entries' host_reserved summed, kept up to date by `_reserve` (admission checks it
+        # for every queued request it tries: no walk over the queue each time)
+        self.host_reserved_total = 0
         self.tables: dict[int, ChunkTable] = {}  # req_pool_idx -> its table, admission to end
         self.finished: deque[RequestStats] = deque(maxlen=FINISHED_KEPT)
         from lsa_sglang.metrics import maybe_metrics
@@ -139,19 +142,20 @@ class LSAMemoryManager:
         if entry is None or not entry.config.enabled or entry.host_reserved:
             return True
         need = self.host_chunks_needed(prompt_tokens)
-        if need > self.host.free_slots - self.host_reserved_chunks():
+        if need > self.host.free_slots - self.host_reserved_total:
             return False
-        entry.host_reserved = need
+        self._reserve(entry, need)
         return True
 
-    def host_reserved_chunks(self) -> int:
-        return sum(e.host_reserved for e in self.requests.values())
+    def _reserve(self, entry: RequestEntry, chunks: int) -> None:
+        self.host_reserved_total += chunks - entry.host_reserved
+        entry.host_reserved = chunks
 
     def unreserve(self, rid: str) -> None:
         """The prefill adder did not take the request after all: it stays queued, unreserved."""
         entry = self.requests.get(rid)
         if entry is not None:
-            entry.host_reserved = 0
+            self._reserve(entry, 0)
 
     def note_host_wait(self, rid: str) -> None:
         """A request waits in the queue because its host mirror does not fit yet."""
@@ -229,6 +233,7 @@ class LSAMemoryManager:
         for rid, entry in list(self.requests.items()):
             req = entry.req()
             if req is None:  # dropped by the scheduler without an end
+                self._reserve(entry, 0)
                 del self.requests[rid]
                 continue
             if req.finished() or req.kv.req_pool_idx is None:
@@ -271,9 +276,10 @@ class LSAMemoryManager:
         entry = self.requests.get(rid)
         if entry is None:
             return
+        self._reserve(entry, 0)
         req = entry.req()
         if req is not None and not req.finished():  # retracted: queued again, with its overrides
-            entry.host_reserved, entry.host_waited = 0, False
+            entry.host_waited = False
         else:
             del self.requests[rid]
 
@@ -327,7 +333,7 @@ class LSAMemoryManager:
             host_capacity_bytes=self.host.capacity * self.page_bytes,
             chunk_bytes=self.page_bytes,
             running_requests=len(running),
-            host_reserved_bytes=self.host_reserved_chunks() * self.page_bytes,
+            host_reserved_bytes=self.host_reserved_total * self.page_bytes,
             device_free_tokens=int(self.cells.allocator.available_size()),
         )
         server["resident_ratio"] = server["device_kv_bytes"] / max(server["full_kv_bytes"], 1)
@@ -335,6 +341,7 @@ class LSAMemoryManager:
 
     def check_integrity(self) -> None:
         self.host.check_integrity()
+        assert self.host_reserved_total == sum(e.host_reserved for e in self.requests.values())
         refs: dict[int, int] = {}
         for t in self.tables.values():
             for slot in t.host_slots:
