@@ -143,6 +143,7 @@ class LSAConfig:
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
     reselect_edge: bool = False  # `reselect`: bring in the chunk after one whose end the answer just copied
+    release_copied: int = 0  # `reselect`: a chunk the answer's last this many tokens copy holds only its current share (0: off)
     edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"
@@ -205,6 +206,7 @@ class LSAConfig:
         if not _is_finite(self.held_decay) or not 0.0 < self.held_decay <= 1.0:
             raise bad("held_decay", "a number in (0, 1]")
         need_bool("reselect_edge")
+        need_int("release_copied", 0, self.chunk_size)
         need_int("edge_pages", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)

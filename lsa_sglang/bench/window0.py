@@ -38,7 +38,7 @@ from lsa_sglang.cli import CliError
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import (
-    attention_scores, evidence_swap, layer_chunk_mass, quest_shares, raise_held,
+    attention_scores, copied_chunks, evidence_swap, layer_chunk_mass, quest_shares, raise_held, release_copied,
 )
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 
@@ -119,7 +119,7 @@ def exact_shares(qs, state, cs: int, lo: int, hi: int) -> torch.Tensor:
 
 
 def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, first_scores: torch.Tensor,
-                    signal: str, cs: int, lo: int, hi: int, n_new: int, eos: set[int]):
+                    signal: str, cs: int, lo: int, hi: int, n_new: int, eos: set[int], ids: list[int]):
     """Greedy decode from the window-0 set with re-selection on evidence after every step, as the
     server's `reselect` does (`quest_shares` over every layer's bfloat16 key bounds, then
     `evidence_swap`, one chunk per step; `exact`: the step's true attention instead of the bounds).
@@ -133,6 +133,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     held = first_scores[lo:hi].clone().float()  # largest share each chunk drew so far
     picked = set(picked)
     signal, _, gate = signal.partition("@")  # quest@G: no swap in the answer's first G steps
+    signal, _, release = signal.partition("^")  # quest^N: a chunk the answer's last N tokens copy lets go
     signal, _, decay = signal.partition("~")  # quest~D: `held` shrinks by D per step before the max
     allowed = None
     if signal.startswith("quest") and signal != "quest":  # questK: only window 0's top K may come in
@@ -151,7 +152,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
 
     cache, n_keep = build(None)
     pos, tok = state["k"][0].shape[0], state["first"]
-    out, swaps = [tok], 0
+    out, swaps, copying = [tok], 0, []
     with torch.no_grad():
         while len(out) < n_new and tok not in eos:
             logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
@@ -162,6 +163,10 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
                      else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
             raise_held(held, share, float(decay or 1))
+            if release:
+                now = copied_chunks(ids + out, int(release), picked, cs)
+                release_copied(held, share, now, copying, lo, hi)
+                copying = now
             swap = evidence_swap(share, held, member_mask(picked, lo, hi), allowed)
             if swap is not None and len(out) > int(gate or 0):
                 picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                         forced = res - set(sel.picked.tolist())
                         out, swaps = decode_reselect(
                             model, tap, state, set(sel.picked.tolist()), lambda p: keep_of(p | forced), scores,
-                            sig, cs, lo, hi, s.max_new_tokens, eos)
+                            sig, cs, lo, hi, s.max_new_tokens, eos, ids)
                     text = tok.decode(out, skip_special_tokens=True)
                     recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
                     rec["rules"][run_label] = {"prediction": text, "score": string_match_all(text, s.answers),

@@ -161,6 +161,41 @@ def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: i
     return None
 
 
+def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> list[int]:
+    """Those of ``chunks`` that hold the last ``n`` of ``tokens`` (the request's tokens so far,
+    prompt then answer) as a run inside the chunk, before the run itself: the answer has just
+    copied that much of the chunk. Sorted; empty when ``n`` < 1 or nothing matches."""
+    if n < 1 or len(tokens) <= n:
+        return []
+    tail = list(tokens[-n:])
+    limit = len(tokens) - n  # an occurrence must end before the copy starts
+    out = []
+    for c in sorted(chunks):
+        start, end = c * cs, min((c + 1) * cs, limit)
+        span = list(tokens[start:end])
+        if any(span[i : i + n] == tail for i in range(len(span) - n + 1)):
+            out.append(c)
+    return out
+
+
+def release_copied(held: torch.Tensor, share: torch.Tensor, copying: Iterable[int], before: Iterable[int],
+                   lo: int, hi: int) -> int:
+    """In place, over candidate chunks (absolute indices in ``[lo, hi)``; ``held``/``share``
+    indexed from ``lo``): a chunk the answer is copying (``copying``, `copied_chunks`) holds its
+    page until the copy ends (held 1, no share beats it), and one it was copying at the last step
+    (``before``) but no more starts its hold again from what this step read of it, not its
+    largest share ever: once the answer reads elsewhere, a chunk not on the device that a step
+    reads more takes its page (`evidence_swap`), so a list goes on to values not read yet.
+    Returns how many copies ended."""
+    now = {c for c in copying if lo <= c < hi}
+    ended = [c for c in before if lo <= c < hi and c not in now]
+    for c in ended:
+        held[c - lo] = share[c - lo]
+    for c in now:
+        held[c - lo] = 1.0
+    return len(ended)
+
+
 def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor, *,
               spare: bool = False, slot: int | None = None) -> tuple[int, int | None] | None:
     """The straddle rule over candidate chunks: a fact cut by a chunk boundary is copied token by

@@ -51,6 +51,7 @@ class RequestStats:
     fallbacks: int = 0
     reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
     edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
+    copies_released: int = 0  # copies of a resident chunk that ended, its hold started again (`release_copied`)
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
     policy: str = "indexer"
@@ -82,6 +83,7 @@ class ServerStats:
     sync_swaps: int = 0
     reselections: int = 0
     edge_reselections: int = 0
+    copies_released: int = 0
 
     def count(self, request: RequestStats | None = None, **deltas) -> None:
         """Add to the server's counters and to the request's where it has the same field."""
@@ -120,6 +122,7 @@ class ChunkTable:
     bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
     edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
+    copying: list[int] = field(default_factory=list)  # `release_copied`: resident chunks the answer copied at the last step
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None

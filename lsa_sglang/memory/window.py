@@ -31,7 +31,8 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, edge_swap, evidence_swap, quest_shares, raise_held, step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, raise_held, release_copied,
+    step_peak,
 )
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
@@ -154,7 +155,9 @@ class WindowCycle:
                   swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
         what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
-        chunk's largest share so far (`held`, first shrunk by `held_decay`); when `swap` (the answer
+        chunk's largest share so far (`held`, first shrunk by `held_decay`; with `release_copied` a
+        chunk the answer is copying holds its page until the copy ends, then only what later steps
+        read of it); when `swap` (the answer
         is past `reselect_after` tokens) and the best chunk not on the device drew more than the
         weakest resident one holds, that one is released and the other copied in
         now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
@@ -176,6 +179,14 @@ class WindowCycle:
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
         raise_held(held, share, table.config.held_decay)
+        req = self.req_of(table)
+        if table.config.release_copied and req is not None:
+            tokens = list(req.origin_input_ids) + list(req.output_ids)
+            copying = copied_chunks(tokens, table.config.release_copied, table.resident, self.cs)
+            ended = release_copied(held, share, copying, table.copying, lo, hi)
+            table.copying = copying
+            if ended:
+                self.server.count(table.stats, copies_released=ended)
         resident = member_mask(table.resident, lo, hi)
         edge = self._edge(table, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge

@@ -243,9 +243,10 @@ def test_reselect_on_evidence_swaps_in_place(lsa_server, baseline):
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 
-def straddle_ids(server, n_tokens: int, seed: int, chunk: int = 64) -> list[int]:
-    """A prompt of n_tokens tokens stating a code whose first 3 tokens end chunk 20 and whose
-    rest opens chunk 21 (a fact cut by a chunk boundary), ending with the code's key."""
+def straddle_ids(server, n_tokens: int, seed: int, chunk: int = 64, cut: int = 3) -> list[int]:
+    """A prompt of n_tokens tokens stating a code whose first `cut` tokens end chunk 20 and whose
+    rest opens chunk 21 (a fact cut by a chunk boundary; a negative `cut`: the whole code inside
+    chunk 20, that many tokens before its end), ending with the code's key."""
     rng = random.Random(seed)
 
     def tok(text):
@@ -253,7 +254,7 @@ def straddle_ids(server, n_tokens: int, seed: int, chunk: int = 64) -> list[int]
 
     words = tok(" ".join(rng.choice(WORDS) for _ in range(n_tokens)))
     lead, code = tok(" The secret code is"), tok(" 7382-0459-1637.")
-    at = 21 * chunk - 3 - len(lead)
+    at = 21 * chunk - (cut if cut > 0 else len(code) - cut) - len(lead)
     return (words[:at] + lead + code + words[at:])[: n_tokens - len(lead)] + lead
 
 
@@ -285,6 +286,30 @@ def test_edge_rule_brings_in_the_rest_of_a_fact_cut_by_a_chunk_boundary(lsa_serv
     assert page["peak_device_kv_bytes"] == off["peak_device_kv_bytes"] + page_bytes
     after = wait_idle(lsa_server, flush=True)["server"]
     assert after["edge_reselections"] >= on["edge_reselections"] + page["edge_reselections"]
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
+
+
+def test_release_copied_counts_a_copy_and_reads_only_resident_cells(lsa_server, baseline):
+    """`release_copied`: at 2 pages window 0 holds chunk 20, which states the code the prompt ends
+    asking for, and the answer copies it. With the rule the server sees the copy (the answer's
+    last 3 tokens a run inside the resident chunk) and, when the answer moves on, counts the end
+    of the copy (`copies_released`: the chunk's hold starts again, so it can leave); without the
+    rule nothing is counted. Both answers copy the code, only resident cells are read (released
+    cells are NaN in the test preset), and no cell is left behind."""
+    ids = straddle_ids(lsa_server, 3000, seed=11, cut=-8)
+    got = {}
+    for n in (0, 3):
+        lsa = {"policy": "attention", "page_budget": 2, "attention_later": "carry", "reselect": "quest",
+               "release_copied": n}
+        out = greedy(lsa_server, ids, n=16, lsa=lsa, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        got[n] = out["text"], next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    (off_text, off), (on_text, on) = got[0], got[3]
+    assert "1637" in off_text and "1637" in on_text, (off_text, on_text)  # (the 135M model drops a digit)
+    assert off["copies_released"] == 0 and on["copies_released"] >= 1, (off, on)
+    assert on["stalls"] >= on["reselections"]
+    after = wait_idle(lsa_server, flush=True)["server"]
+    assert after["copies_released"] >= on["copies_released"]
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 

@@ -9,7 +9,8 @@ import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, edge_swap, evidence_swap, quest_shares, raise_held, step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, raise_held, release_copied,
+    step_peak,
 )
 
 
@@ -259,6 +260,51 @@ def test_copied_chunk_end_finds_the_chunk_whose_end_the_answer_just_copied():
     assert copied_chunk_end(prompt + [5, 0, 4, 2], 3, [2], 8) == 2
     assert copied_chunk_end([0, 4, 2], 3, [0], 3) is None  # the chunk's end is the answer's own tail
     assert copied_chunk_end(prompt + answer, 0, [2], 8) is None
+
+
+def test_copied_chunks_are_those_holding_the_answers_last_tokens_as_a_run():
+    """Chunk size 8: the value 5 0 4 2 9 sits inside chunk 1 (positions 10..14) and 4 2 again
+    at the start of chunk 3. The answer copying "5 0 4" points at chunk 1 only; "4 2" at
+    chunks 1 and 3; a run cut by a chunk boundary, a chunk not asked about, or a run that only
+    matches the answer's own copy do not count."""
+    words = [100 + i for i in range(40)]
+    prompt = words[:10] + [5, 0, 4, 2, 9] + words[10:19] + [4, 2] + words[19:25]
+    assert len(prompt) == 32 and prompt[24:26] == [4, 2]
+    assert copied_chunks(prompt + [7, 5, 0, 4], 3, [0, 1, 2, 3], 8) == [1]
+    assert copied_chunks(prompt + [7, 5, 0, 4, 2], 2, [0, 1, 2, 3], 8) == [1, 3]
+    assert copied_chunks(prompt + [7, 5, 0, 4, 2], 2, [3], 8) == [3]
+    assert copied_chunks(prompt + [7, 5, 0, 4, 2], 5, [0, 1, 2, 3], 8) == []  # no run of 5 (7 5 0 4 2)
+    cut = words[:6] + [5, 0, 4, 2] + words[6:12]  # 5 0 | 4 2 across the boundary at 8
+    assert copied_chunks(cut + [5, 0, 4], 3, [0, 1], 8) == []
+    assert copied_chunks(cut + [5, 0], 2, [0, 1], 8) == [0]
+    assert copied_chunks([1, 2, 3, 1, 2, 3], 3, [0], 8) == [0]  # an earlier run in the same chunk
+    assert copied_chunks([9, 1, 2, 3], 3, [0], 8) == []  # the run is the answer's own tail
+    assert copied_chunks(prompt + [5, 0, 4], 0, [1], 8) == []
+
+
+def test_a_copied_chunk_holds_its_page_through_the_copy_then_lets_an_unread_one_in():
+    """Candidates are chunks 5..7 (lo = 5). Chunk 5 (resident) was read once (0.6); chunk 7 (not
+    resident) draws 0.3. Kept for good chunk 5 never leaves. While the answer copies it, it
+    holds its page even when a step reads it less than chunk 7 (held 1); at the first step after
+    the copy it holds only what that step read of it (0.1), so chunk 7 takes its page. A chunk
+    outside the candidate range is left alone."""
+    resident = torch.tensor([True, True, False])
+    share = torch.tensor([0.1, 0.35, 0.3])
+    held = torch.tensor([0.6, 0.4, 0.0])
+    raise_held(held, share)
+    assert evidence_swap(share, held, resident) is None
+    assert release_copied(held, share, [5, 9], [], 5, 8) == 0  # copying chunk 5 (and 9, not a candidate)
+    torch.testing.assert_close(held, torch.tensor([1.0, 0.4, 0.3]))
+    assert evidence_swap(share, held, resident) is None
+    raise_held(held, share)
+    assert release_copied(held, share, [5], [5], 5, 8) == 0  # still copying
+    assert evidence_swap(share, held, resident) is None
+    raise_held(held, share)
+    assert release_copied(held, share, [], [5, 9], 5, 8) == 1  # the copy ended
+    torch.testing.assert_close(held, torch.tensor([0.1, 0.4, 0.3]))
+    assert evidence_swap(share, held, resident) == (2, 0)
+    assert release_copied(held, torch.zeros(3), [4, 8], [3], 5, 8) == 0  # outside [5, 8): nothing changes
+    torch.testing.assert_close(held, torch.tensor([0.1, 0.4, 0.3]))
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])

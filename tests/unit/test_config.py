@@ -30,6 +30,7 @@ BAD_VALUES = {
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
     "held_decay": [0, -0.5, 1.5, "0.9", None, True, float("nan")],
     "reselect_edge": ["true", 0, 1, None],
+    "release_copied": [-1, 65, 1.5, "4", None, True],
     "edge_pages": [-1, 1.5, "1", None, True, 2**31],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],

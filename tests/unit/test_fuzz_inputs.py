@@ -128,6 +128,7 @@ RULES = {
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "held_decay": lambda v: _finite(v) and 0 < v <= 1,
     "reselect_edge": lambda v: isinstance(v, bool),
+    "release_copied": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "edge_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
@@ -153,6 +154,8 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
         bad |= {k for k in ("min_pages", "page_budget") if k in data} or {"min_pages"}
     if merged.get("attention_spill", 0) > merged.get("chunk_size", 64):
         bad.add("attention_spill")
+    if merged.get("release_copied", 0) > merged.get("chunk_size", 64):
+        bad.add("release_copied")
     return bad
 
 
