@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--reselect", nargs="*", default=[],
                     help="also decode each rule with re-selection on evidence after every step: exact, quest, "
                          "questK (only the rule's top K chunks may come in), any of them ~D (each chunk's largest "
-                         "share so far shrinks by D per step) and @G (no swap in the answer's first G tokens); "
-                         "reported as rule+quest, rule+quest14@16, rule+quest~0.9@16, ...")
+                         "share so far shrinks by D per step), ^N (release_copied N) and @G (no swap in the "
+                         "answer's first G tokens); reported as rule+quest, rule+quest14@16, rule+quest^3@16, ...")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
