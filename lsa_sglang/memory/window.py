@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from typing import Callable
 
 import torch
@@ -44,6 +45,27 @@ from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, chunk_cap,
 logger = logging.getLogger(__name__)
 
 EDGE_COPY_TOKENS = 3  # the straddle rule fires when the answer's last this many tokens end a resident chunk
+
+
+class RequestTokens(Sequence[int]):
+    """A request's tokens so far, prompt then answer, read without joining them (a step's copy
+    checks read a few chunks and the last tokens, not the whole context)."""
+
+    def __init__(self, req) -> None:
+        self.prompt, self.answer = req.origin_input_ids, req.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt) + len(self.answer)
+
+    def __getitem__(self, i):
+        if not isinstance(i, slice):
+            i = range(len(self))[i]
+            return self.prompt[i] if i < len(self.prompt) else self.answer[i - len(self.prompt)]
+        start, stop, step = i.indices(len(self))
+        if step != 1:
+            raise ValueError("RequestTokens slices take no step")
+        n = len(self.prompt)
+        return list(self.prompt[start:min(stop, n)]) + list(self.answer[max(start - n, 0):max(stop - n, 0)])
 
 
 class WindowCycle:
@@ -181,8 +203,7 @@ class WindowCycle:
         raise_held(held, share, table.config.held_decay)
         req = self.req_of(table)
         if table.config.release_copied and req is not None:
-            tokens = list(req.origin_input_ids) + list(req.output_ids)
-            copying = copied_chunks(tokens, table.config.release_copied, table.resident, self.cs)
+            copying = copied_chunks(RequestTokens(req), table.config.release_copied, table.resident, self.cs)
             ended = release_copied(held, share, copying, table.copying, lo, hi)
             table.copying = copying
             if ended:
@@ -230,7 +251,7 @@ class WindowCycle:
         req = self.req_of(table)
         if req is not None and len(req.output_ids) >= EDGE_COPY_TOKENS:
             ends = [c for c in table.resident if lo <= c < hi - 1 and c + 1 not in table.resident]
-            copied = copied_chunk_end(list(req.origin_input_ids) + list(req.output_ids), EDGE_COPY_TOKENS, ends, cs)
+            copied = copied_chunk_end(RequestTokens(req), EDGE_COPY_TOKENS, ends, cs)
             if copied is not None:
                 return edge_swap(copied - lo, True, held, resident, spare=spare, slot=slot)
         pos = table.read_positions(table.seq_len, cs, self.cells.device)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import random
 
 import pytest
 import torch
@@ -354,3 +355,30 @@ def test_edge_swap_takes_a_spare_page_else_the_page_of_an_earlier_straddle():
     assert edge_swap(1, True, held, resident, slot=1) == (2, 3)  # the slot is the peak's own chunk
     assert edge_swap(1, True, held, resident, slot=4) == (2, 3)  # the slot's chunk has left already
     assert edge_swap(1, False, held, resident, spare=True) is None  # the rule does not fire
+
+
+def test_request_tokens_read_like_the_joined_list():
+    """`RequestTokens` (prompt then answer, not joined) gives the same items, slices and copy
+    checks as the joined list, for every slice the copy checks take."""
+    from types import SimpleNamespace
+
+    from lsa_sglang.memory.window import RequestTokens
+
+    rng = random.Random(3)
+    for trial in range(30):
+        prompt = [rng.randrange(6) for _ in range(rng.randrange(0, 40))]
+        answer = [rng.randrange(6) for _ in range(rng.randrange(0, 12))]
+        joined, view = prompt + answer, RequestTokens(SimpleNamespace(origin_input_ids=prompt, output_ids=answer))
+        assert len(view) == len(joined)
+        for a in range(-len(joined) - 2, len(joined) + 3):
+            assert view[a:] == joined[a:] and view[:a] == joined[:a]
+            for b in range(a, a + 9):
+                assert view[a:b] == joined[a:b], (a, b)
+            if -len(joined) <= a < len(joined):
+                assert view[a] == joined[a]
+        for n in (1, 2, 3):
+            chunks = range(len(joined) // 4 + 1)
+            assert copied_chunks(view, n, chunks, 4) == copied_chunks(joined, n, chunks, 4)
+            assert copied_chunk_end(view, n, chunks, 4) == copied_chunk_end(joined, n, chunks, 4)
+    with pytest.raises(ValueError, match="no step"):
+        RequestTokens(SimpleNamespace(origin_input_ids=[1, 2], output_ids=[3]))[::2]
