@@ -143,7 +143,7 @@ class LSAConfig:
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
     reselect_edge: bool = False  # `reselect`: bring in the chunk after one whose end the answer just copied
-    release_copied: int = 0  # `reselect`: a chunk the answer's last this many tokens copy holds only its current share (0: off)
+    release_copied: int = 0  # `reselect`: a chunk the answer copies (its last this many tokens) holds its page to the copy's end, then only what later steps read (0: off)
     edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"

@@ -147,35 +147,32 @@ def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], sca
     return int(watched.nonzero()[int(best.argmax())])
 
 
-def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> int | None:
-    """The first of ``chunks`` whose last ``n`` tokens equal the last ``n`` of ``tokens`` (the
-    request's tokens so far, prompt then answer): the answer has just copied that chunk's end, so
-    a fact cut by its boundary goes on in the next chunk. None when none matches."""
-    tail = list(tokens[-n:])
-    if n < 1 or len(tail) < n:
-        return None
-    for c in sorted(chunks):
-        end = (c + 1) * cs
-        if end <= len(tokens) - n and list(tokens[end - n : end]) == tail:
-            return c
-    return None
-
-
-def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> list[int]:
+def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int, at_end: bool = False) -> list[int]:
     """Those of ``chunks`` that hold the last ``n`` of ``tokens`` (the request's tokens so far,
     prompt then answer) as a run inside the chunk, before the run itself: the answer has just
-    copied that much of the chunk. Sorted; empty when ``n`` < 1 or nothing matches."""
+    copied that much of the chunk. With ``at_end`` only a run that ends the chunk counts (the
+    answer has just copied the chunk's end). Sorted; empty when ``n`` < 1 or nothing matches."""
     if n < 1 or len(tokens) <= n:
         return []
     tail = list(tokens[-n:])
     limit = len(tokens) - n  # an occurrence must end before the copy starts
     out = []
     for c in sorted(chunks):
-        start, end = c * cs, min((c + 1) * cs, limit)
-        span = list(tokens[start:end])
+        end = (c + 1) * cs
+        if at_end and end > limit:
+            continue
+        span = list(tokens[max(c * cs, end - n) if at_end else c * cs : min(end, limit)])
         if any(span[i : i + n] == tail for i in range(len(span) - n + 1)):
             out.append(c)
     return out
+
+
+def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> int | None:
+    """The first of ``chunks`` whose last ``n`` tokens are the last ``n`` of ``tokens``
+    (`copied_chunks` with ``at_end``): a fact cut by its boundary goes on in the next chunk.
+    None when none matches."""
+    found = copied_chunks(tokens, n, chunks, cs, at_end=True)
+    return found[0] if found else None
 
 
 def release_copied(held: torch.Tensor, share: torch.Tensor, copying: Iterable[int], before: Iterable[int],

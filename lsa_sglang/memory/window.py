@@ -203,13 +203,14 @@ class WindowCycle:
         raise_held(held, share, table.config.held_decay)
         req = self.req_of(table)
         if table.config.release_copied and req is not None:
-            copying = copied_chunks(RequestTokens(req), table.config.release_copied, table.resident, self.cs)
+            watched = [c for c in table.resident if lo <= c < hi]
+            copying = copied_chunks(RequestTokens(req), table.config.release_copied, watched, self.cs)
             ended = release_copied(held, share, copying, table.copying, lo, hi)
             table.copying = copying
             if ended:
                 self.server.count(table.stats, copies_released=ended)
         resident = member_mask(table.resident, lo, hi)
-        edge = self._edge(table, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
+        edge = self._edge(table, req, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge
         if pair is None and swap:
             pair = evidence_swap(share, held, resident)
@@ -232,7 +233,7 @@ class WindowCycle:
         self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
 
-    def _edge(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
+    def _edge(self, table: ChunkTable, req, layers: list[int], queries: list[torch.Tensor], scales: list[float],
               lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:
         """The straddle rule (`edge_swap`) on a resident candidate chunk whose end the answer has
         just copied: its last `EDGE_COPY_TOKENS` tokens are the answer's last ones
@@ -240,7 +241,7 @@ class WindowCycle:
         resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
         the cells are all on the device). With `edge_pages` the chunk it brings in takes a page
         beyond the budget while one is free, else the page of the oldest chunk it brought in
-        that is still resident."""
+        that is still resident. `req`: the scheduler's Req behind the table (None: gone)."""
         cs = self.cs
         extra = table.config.extra_edge_chunks
         spare, slot = False, None
@@ -248,7 +249,6 @@ class WindowCycle:
             spare = len(table.resident) < chunk_cap(table.config)
             table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
             slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
-        req = self.req_of(table)
         if req is not None and len(req.output_ids) >= EDGE_COPY_TOKENS:
             ends = [c for c in table.resident if lo <= c < hi - 1 and c + 1 not in table.resident]
             copied = copied_chunk_end(RequestTokens(req), EDGE_COPY_TOKENS, ends, cs)
