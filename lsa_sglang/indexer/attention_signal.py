@@ -148,10 +148,12 @@ def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], sca
 
 
 def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int, at_end: bool = False) -> list[int]:
-    """Those of ``chunks`` that hold the last ``n`` of ``tokens`` (the request's tokens so far,
-    prompt then answer) as a run inside the chunk, before the run itself: the answer has just
-    copied that much of the chunk. With ``at_end`` only a run that ends the chunk counts (the
-    answer has just copied the chunk's end). Sorted; empty when ``n`` < 1 or nothing matches."""
+    """Those of ``chunks`` where a run equal to the last ``n`` of ``tokens`` (the request's tokens
+    so far, prompt then answer) ends, before the run itself: the answer is copying the chunk
+    (a run that starts in the chunk before counts for the chunk holding its end, so a fact cut by
+    a boundary is followed into the next chunk). With ``at_end`` only a run that ends the chunk
+    counts (the answer has just copied the chunk's end). Sorted; empty when ``n`` < 1 or nothing
+    matches."""
     if n < 1 or len(tokens) <= n:
         return []
     tail = list(tokens[-n:])
@@ -161,7 +163,7 @@ def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int,
         end = (c + 1) * cs
         if at_end and end > limit:
             continue
-        span = list(tokens[max(c * cs, end - n) if at_end else c * cs : min(end, limit)])
+        span = list(tokens[max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0) : min(end, limit)])
         if any(span[i : i + n] == tail for i in range(len(span) - n + 1)):
             out.append(c)
     return out

@@ -266,8 +266,8 @@ def test_copied_chunk_end_finds_the_chunk_whose_end_the_answer_just_copied():
 def test_copied_chunks_are_those_holding_the_answers_last_tokens_as_a_run():
     """Chunk size 8: the value 5 0 4 2 9 sits inside chunk 1 (positions 10..14) and 4 2 again
     at the start of chunk 3. The answer copying "5 0 4" points at chunk 1 only; "4 2" at
-    chunks 1 and 3; a run cut by a chunk boundary, a chunk not asked about, or a run that only
-    matches the answer's own copy do not count."""
+    chunks 1 and 3; a run cut by a chunk boundary points at the chunk holding its end; a chunk
+    not asked about, or a run that only matches the answer's own copy do not count."""
     words = [100 + i for i in range(40)]
     prompt = words[:10] + [5, 0, 4, 2, 9] + words[10:19] + [4, 2] + words[19:25]
     assert len(prompt) == 32 and prompt[24:26] == [4, 2]
@@ -276,8 +276,10 @@ def test_copied_chunks_are_those_holding_the_answers_last_tokens_as_a_run():
     assert copied_chunks(prompt + [7, 5, 0, 4, 2], 2, [3], 8) == [3]
     assert copied_chunks(prompt + [7, 5, 0, 4, 2], 5, [0, 1, 2, 3], 8) == []  # no run of 5 (7 5 0 4 2)
     cut = words[:6] + [5, 0, 4, 2] + words[6:12]  # 5 0 | 4 2 across the boundary at 8
-    assert copied_chunks(cut + [5, 0, 4], 3, [0, 1], 8) == []
+    assert copied_chunks(cut + [5, 0, 4], 3, [0, 1], 8) == [1]  # "5 0" ends chunk 0, "4" opens chunk 1
+    assert copied_chunks(cut + [5, 0, 4], 3, [0], 8) == []
     assert copied_chunks(cut + [5, 0], 2, [0, 1], 8) == [0]
+    assert copied_chunks(cut + [5, 0, 4, 2], 3, [0, 1], 8) == [1]
     assert copied_chunks([1, 2, 3, 1, 2, 3], 3, [0], 8) == [0]  # an earlier run in the same chunk
     assert copied_chunks([9, 1, 2, 3], 3, [0], 8) == []  # the run is the answer's own tail
     assert copied_chunks(prompt + [5, 0, 4], 0, [1], 8) == []
