@@ -34,6 +34,7 @@ VARIANTS = {
     "attention-reselect": ("attention", {"reselect": "quest"}),
     "attention-no-reselect": ("attention", {"reselect": "off"}),
     "attention-reselect-after0": ("attention", {"reselect_after": 0}),
+    "attention-reselect-after8": ("attention", {"reselect_after": 8}),
     "attention-decay": ("attention", {"held_decay": 0.9}),
     "attention-decay8": ("attention", {"held_decay": 0.8}),
     "attention-edge": ("attention", {"reselect_edge": True}),
