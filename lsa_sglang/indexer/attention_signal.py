@@ -163,7 +163,9 @@ def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int,
         end = (c + 1) * cs
         if at_end and end > limit:
             continue
-        span = list(tokens[max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0) : min(end, limit)])
+        # at_end: only the chunk's last n tokens; else any run ending in the chunk
+        start = max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0)
+        span = list(tokens[start : min(end, limit)])
         if any(span[i : i + n] == tail for i in range(len(span) - n + 1)):
             out.append(c)
     return out
