@@ -137,6 +137,7 @@ class LSAConfig:
     attention_rows: int = 16  # `attention` policy: last prompt tokens whose attention picks window 0
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     attention_spill: int = 0  # `attention` policy: a chunk also counts the mass of the previous chunk's last tokens
+    attention_first_layer: int = 0  # `attention` policy: window 0 reads the attention of this layer and the later ones
     attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
@@ -198,6 +199,7 @@ class LSAConfig:
         need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
         need_bool("attention_per_head")
         need_int("attention_spill", 0, self.chunk_size)
+        need_int("attention_first_layer", 0)
         need_choice("attention_later", LATER_WINDOWS)
         if self.swap_limit is not None:
             need_int("swap_limit", 0)

@@ -153,7 +153,14 @@ def model_num_layers(model_path: str) -> int | None:
 
 def check_against_model(config: LSAConfig, model_path: str) -> None:
     n = model_num_layers(model_path)
-    if n is None or config.target_layers is None:
+    if n is None:
+        return
+    if config.attention_first_layer >= n:
+        raise LSAConfigError(
+            f"lsa config field 'attention_first_layer': expected a layer index in [0, {n - 1}] "
+            f"for this model ({n} layers), got {config.attention_first_layer}"
+        )
+    if config.target_layers is None:
         return
     bad = [x for x in config.target_layers if x >= n]
     if bad:

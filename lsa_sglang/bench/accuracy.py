@@ -38,6 +38,8 @@ VARIANTS = {
     "attention-decay": ("attention", {"held_decay": 0.9}),
     "attention-decay8": ("attention", {"held_decay": 0.8}),
     "attention-edge": ("attention", {"reselect_edge": True}),
+    "attention-from3": ("attention", {"attention_first_layer": 3}),
+    "attention-from0": ("attention", {"attention_first_layer": 0}),
     "attention-release": ("attention", {"release_copied": 4}),
     "attention-release3": ("attention", {"release_copied": 3}),
     "attention-no-release": ("attention", {"release_copied": 0}),

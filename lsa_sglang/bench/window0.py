@@ -269,6 +269,18 @@ RULES: dict[str, Callable] = {
 }
 
 
+def served_options(name: str, cfg) -> dict[str, int]:
+    """The served rule's fields from its name: ``served``, ``served-spill16``, ``served-from3``,
+    ``served-spill16-from3``; a field the name does not give is the preset's."""
+    opts = {"spill": cfg.attention_spill, "from": cfg.attention_first_layer}
+    for part in name.split("-")[1:]:
+        key = next((k for k in opts if part.startswith(k) and part[len(k):].isdigit()), None)
+        if key is None:
+            raise ValueError(f"rule {name!r}: expected served, served-spillN, served-fromN or served-spillN-fromM")
+        opts[key] = int(part[len(key):])
+    return opts
+
+
 def oracle_scores(state, steps, cs: int, lo: int, hi: int) -> torch.Tensor:
     """Largest per-layer share any decode step of the dense answer gave a chunk."""
     t = state["k"][0].shape[0]
@@ -308,7 +320,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                          "(e.g. 9/256 12/128; instead of --chunks); a shape other than the preset's is reported as "
                          "rule[pages/recent]")
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"],
-                    help="served (the server's code path), served-spillN (with attention_spill N), "
+                    help="served (the server's code path, the preset's fields), served-spillN (with "
+                         "attention_spill N), served-fromN (attention_first_layer N), served-spillN-fromM, "
                          "oracle, or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[],
@@ -323,6 +336,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = ap.parse_args(argv)
 
     cfg = read_preset(args.preset)[0]
+    for name in args.rules:  # a misspelt rule fails now, not after the first prefill
+        if name.startswith("served"):
+            try:
+                served_options(name, cfg)
+            except ValueError as e:
+                ap.error(str(e))
+        elif name not in RULES and name != "oracle":
+            ap.error(f"unknown rule {name!r}; known: served, oracle, " + ", ".join(RULES))
     if args.budget is not None:
         cfg = cfg.replace(page_budget=args.budget)
     variants = [(cs, equal_bytes(cfg, cs), "" if cs == cfg.chunk_size else f"@{cs}")
@@ -369,10 +390,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             for name in args.rules:
                 scores = torch.zeros(n, dtype=torch.float64)
                 if name.startswith("served"):  # the product's own code path, as the server runs it
-                    spill = int(name.partition("-spill")[2] or 0)  # served-spill16: attention_spill 16
-                    scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"]], state["k"],
-                                              [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi),
-                                              spill=spill)
+                    opts = served_options(name, cfg)
+                    first = opts["from"]
+                    scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"][first:]],
+                                              state["k"][first:], [q.shape[-1] ** -0.5 for q in state["q"][first:]],
+                                              n, cs, (lo, hi), spill=opts["spill"])
                 else:
                     scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
                                      else RULES[name](masses)).double()

@@ -266,10 +266,11 @@ class WindowCycle:
         return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=spare, slot=slot)
 
     def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
-        """Window 0: the last `attention_rows` prompt tokens' attention at every layer
-        (`indexer.attention_signal`), over the prompt's keys, all still on the device at admission."""
+        """Window 0: the last `attention_rows` prompt tokens' attention at every layer from
+        `attention_first_layer` on (`indexer.attention_signal`), over the prompt's keys, all still
+        on the device at admission."""
         slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
-        layers = sorted(queries)
+        layers = [l for l in sorted(queries) if l >= table.config.attention_first_layer]
         lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
         rows = table.config.attention_rows
         with torch.no_grad():

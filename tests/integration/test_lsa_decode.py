@@ -313,6 +313,29 @@ def test_release_copied_counts_a_copy_and_reads_only_resident_cells(lsa_server, 
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 
+def test_attention_first_layer_picks_window0_from_later_layers_only(lsa_server):
+    """`attention_first_layer`: window 0 ranks chunks by the attention of that layer and the later
+    ones. At 2 pages, the last layer alone picks another window 0 than the max over every layer
+    (the answer's logprobs change), while naming layer 0 is the default exactly; a layer the model
+    lacks (SmolLM2-135M has 30) is refused with one message naming the field, and the server
+    goes on serving."""
+    ids = haystack_ids(lsa_server, 3000, seed=12)
+    base = {"policy": "attention", "page_budget": 2, "attention_later": "carry"}
+    got = {}
+    for first in (None, 0, 29):
+        lsa = base if first is None else {**base, "attention_first_layer": first}
+        out = greedy(lsa_server, ids, n=12, lsa=lsa, logprobs=True)
+        got[first] = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        assert all(math.isfinite(lp) for lp in got[first])
+    assert got[0] == got[None]
+    assert got[29] != got[None]
+    r = requests.post(lsa_server.url + "/generate", timeout=120, json={
+        "input_ids": ids[:200], "sampling_params": {"max_new_tokens": 4, "custom_params": {
+            "lsa": {**base, "attention_first_layer": 30}}}})
+    assert "'attention_first_layer': expected a layer index in [0, 29]" in r.text, r.text
+    assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
+
+
 def test_host_mirror_admission_queues(lsa_server, baseline):
     """Three 3K-token prompts need 141 host chunks; the test pool holds 127: one waits in the
     queue until a mirror frees, and every answer equals the one served alone."""

@@ -275,6 +275,8 @@ def test_methods_summary_and_table():
     served, rows = build_methods(["lsa", "attention-rows-heads"], [None])
     assert served.lsa is None and served.label == "lsa"  # the preset as served: no override at all
     assert rows.lsa == {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
+    (from3,) = build_methods(["attention-from3"], [None])
+    assert from3.lsa == {"policy": "attention", "attention_first_layer": 3}
     recs = [
         {"method": "indexer@4", "policy": "indexer", "budget": 4, "length": 1024, "task": t, "score": sc,
          "all_found": sc == 1.0, "kv_ratio": kv}
@@ -316,3 +318,21 @@ def test_write_preset_keeps_relative_checkpoint_pointing_at_the_same_file(tmp_pa
     config = read_preset(copy)[0]
     assert config.indexer_checkpoint == want and Path(want).is_file()
     assert config.tau == 16
+
+
+def test_window0_served_rule_names_its_fields():
+    """`lsa-bench window0 --rules`: a served rule's name sets attention_spill / attention_first_layer
+    over the preset's; a misspelt rule stops the command before any model is loaded."""
+    from lsa_sglang.bench.window0 import main, served_options
+    from lsa_sglang.config import LSAConfig
+
+    cfg = LSAConfig(attention_spill=8, attention_first_layer=1)
+    assert served_options("served", cfg) == {"spill": 8, "from": 1}
+    assert served_options("served-from3", cfg) == {"spill": 8, "from": 3}
+    assert served_options("served-spill16-from0", cfg) == {"spill": 16, "from": 0}
+    with pytest.raises(ValueError, match="served-fromN"):
+        served_options("served-frm3", cfg)
+    for rule in ("served-frm3", "oracel"):
+        with pytest.raises(SystemExit) as e:
+            main(["--rules", rule, "--model", "/nonexistent"])
+        assert e.value.code == 2

@@ -24,6 +24,7 @@ BAD_VALUES = {
     "attention_rows": [0, 65, 1.5, "8", None, True],
     "attention_per_head": ["yes", 1, None],
     "attention_spill": [-1, 65, 1.5, "16", None, True],
+    "attention_first_layer": [-1, 1.5, "3", None, True, 2**31],
     "attention_later": ["quest", "", None, 1],
     "swap_limit": [-1, 1.5, "2", True, 2**31],
     "reselect": ["exact", "", None, True],

@@ -122,6 +122,7 @@ RULES = {
     "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
     "attention_per_head": lambda v: isinstance(v, bool),
     "attention_spill": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
+    "attention_first_layer": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and < the model's layers: the launcher
     "attention_later": lambda v: _in(v, LATER_WINDOWS),
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),

@@ -50,6 +50,17 @@ def test_target_layers_checked_against_model(tmp_path, capsys):
     assert "'target_layers'" in err and "[0, 29]" in err
 
 
+def test_attention_first_layer_checked_against_model(tmp_path, capsys):
+    cfg, model = tmp_path / "c.yaml", _model_dir(tmp_path, 30)
+    cfg.write_text("attention_first_layer: 30\n")
+    with pytest.raises(SystemExit):
+        ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "'attention_first_layer'" in err and "[0, 29]" in err
+    cfg.write_text("attention_first_layer: 29\n")
+    assert ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])[1].attention_first_layer == 29
+
+
 def test_bad_config_fails_once_with_clear_message(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("tau: 0\n")
