@@ -89,13 +89,13 @@ def test_throughput_dense_vs_lsa(bench_server, model_path, tmp_path, capsys):
     out_json = tmp_path / "tp.json"
     table = run_cli(["throughput", "--model-path", model_path, "--lsa-url", bench_server.url,
                      "--targets", "dense,lsa", "--lsa", '{"page_budget": 1}', "--context", "500",
-                     "--output-len", "6", "--concurrency", "2", "--num-requests", "2", "--sample-interval", "0.5",
+                     "--output-len", "32", "--concurrency", "2", "--num-requests", "2", "--sample-interval", "0.2",
                      "--json", str(out_json), "--png", str(tmp_path / "tp.png"), "--no-save"], capsys)
     assert "LSA/dense at 2 clients" in table
     data = json.loads(out_json.read_text())
     assert [r["target"] for r in data["runs"]] == ["dense", "lsa"]
     for r in data["runs"]:
-        assert r["completed"] == 2 and r["n_errors"] == 0 and r["output_tokens"] == 12
+        assert r["completed"] == 2 and r["n_errors"] == 0 and r["output_tokens"] == 64
         assert 0 < r["ttft_s_p50"] <= r["ttft_s_p99"] and not math.isnan(r["tpot_s_p50"])
         assert r["timeline"] and r["admitted_max"] >= 1  # sampled from the server during the load
         assert r["device_kv_bytes_max"] > 0 and r["max_total_num_tokens"] == 8192
