@@ -215,6 +215,14 @@ class LSAConfig:
         need_int("seed", 0, MAX_SEED)
         need_bool("poison_released")
 
+    def first_layer_error(self, num_layers: int) -> str | None:
+        """Why `attention_first_layer` does not fit a model of `num_layers` layers (None: it does);
+        the caller names where the value came from."""
+        if self.attention_first_layer < num_layers:
+            return None
+        return (f"'attention_first_layer': expected a layer index in [0, {num_layers - 1}] "
+                f"for this model ({num_layers} layers), got {self.attention_first_layer}")
+
     # -- derived ------------------------------------------------------------------------
     @property
     def recent_chunks(self) -> int:

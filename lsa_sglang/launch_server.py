@@ -155,11 +155,9 @@ def check_against_model(config: LSAConfig, model_path: str) -> None:
     n = model_num_layers(model_path)
     if n is None:
         return
-    if config.attention_first_layer >= n:
-        raise LSAConfigError(
-            f"lsa config field 'attention_first_layer': expected a layer index in [0, {n - 1}] "
-            f"for this model ({n} layers), got {config.attention_first_layer}"
-        )
+    error = config.first_layer_error(n)
+    if error:
+        raise LSAConfigError("lsa config field " + error)
     if config.target_layers is None:
         return
     bad = [x for x in config.target_layers if x >= n]

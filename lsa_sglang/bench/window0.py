@@ -391,10 +391,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 scores = torch.zeros(n, dtype=torch.float64)
                 if name.startswith("served"):  # the product's own code path, as the server runs it
                     opts = served_options(name, cfg)
-                    first = opts["from"]
-                    scores = attention_scores([q[-cfg.attention_rows :] for q in state["q"][first:]],
-                                              state["k"][first:], [q.shape[-1] ** -0.5 for q in state["q"][first:]],
-                                              n, cs, (lo, hi), spill=opts["spill"])
+                    qs, ks = state["q"][opts["from"]:], state["k"][opts["from"]:]
+                    scores = attention_scores([q[-cfg.attention_rows :] for q in qs], ks,
+                                              [q.shape[-1] ** -0.5 for q in qs], n, cs, (lo, hi), spill=opts["spill"])
                 else:
                     scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
                                      else RULES[name](masses)).double()

@@ -125,10 +125,9 @@ class LSAMemoryManager:
         refused (its prompt can never fit the host mirror, or an override names a layer this
         model lacks), or None."""
         config = self.config.replace(**overrides) if overrides else self.config
-        layers = self.cells.num_layers
-        if config.attention_first_layer >= layers:
-            return (f"lsa request override 'attention_first_layer': expected a layer index in "
-                    f"[0, {layers - 1}] for this model ({layers} layers), got {config.attention_first_layer}")
+        error = config.first_layer_error(self.cells.num_layers)
+        if error:
+            return "lsa request override " + error
         self.requests[req.rid] = RequestEntry(weakref.ref(req), config)
         prompt = len(req.origin_input_ids)
         need = self.host_chunks_needed(prompt)
