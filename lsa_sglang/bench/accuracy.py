@@ -40,6 +40,8 @@ VARIANTS = {
     "attention-edge": ("attention", {"reselect_edge": True}),
     "attention-from3": ("attention", {"attention_first_layer": 3}),
     "attention-from0": ("attention", {"attention_first_layer": 0}),
+    "attention-from6": ("attention", {"attention_first_layer": 6}),
+    "attention-from11": ("attention", {"attention_first_layer": 11}),
     "attention-release": ("attention", {"release_copied": 4}),
     "attention-release3": ("attention", {"release_copied": 3}),
     "attention-no-release": ("attention", {"release_copied": 0}),
