@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,10 +39,6 @@ VARIANTS = {
     "attention-decay": ("attention", {"held_decay": 0.9}),
     "attention-decay8": ("attention", {"held_decay": 0.8}),
     "attention-edge": ("attention", {"reselect_edge": True}),
-    "attention-from3": ("attention", {"attention_first_layer": 3}),
-    "attention-from0": ("attention", {"attention_first_layer": 0}),
-    "attention-from6": ("attention", {"attention_first_layer": 6}),
-    "attention-from11": ("attention", {"attention_first_layer": 11}),
     "attention-release": ("attention", {"release_copied": 4}),
     "attention-release3": ("attention", {"release_copied": 3}),
     "attention-no-release": ("attention", {"release_copied": 0}),
@@ -50,10 +47,23 @@ VARIANTS = {
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
 }
 
+FIRST_LAYER = re.compile(r"attention-from(\d+)")  # the `attention` policy, window 0 from layer N up
+
+
+def variant(name: str) -> tuple[str, dict[str, Any]] | None:
+    """The policy and overrides a method name stands for (a policy, a VARIANTS key or
+    attention-from<N>), None for any other name."""
+    if name in POLICIES:
+        return name, {}
+    if name in VARIANTS:
+        return VARIANTS[name]
+    first = FIRST_LAYER.fullmatch(name)
+    return ("attention", {"attention_first_layer": int(first[1])}) if first else None
+
 
 @dataclasses.dataclass(frozen=True)
 class Method:
-    name: str  # stock | dense | lsa | a policy | a VARIANTS key | server (accuracy against a URL)
+    name: str  # stock | dense | lsa | a policy | a VARIANTS key | attention-from<N> | server (accuracy against a URL)
     server: str  # "stock" or "lsa": which server answers
     lsa: dict[str, Any] | None = None  # custom_params["lsa"]
     budget: int | None = None
@@ -73,15 +83,16 @@ def build_methods(names: Sequence[str], budgets: Sequence[int | None]) -> list[M
             out.append(Method("dense", "lsa", {"enabled": False}))
         elif name == "lsa":  # the server's preset exactly as served, no override
             out.append(Method("lsa", "lsa"))
-        elif name in POLICIES or name in VARIANTS:
-            policy, extra = VARIANTS.get(name, (name, {}))
+        elif (found := variant(name)) is not None:
+            policy, extra = found
             for b in budgets:
                 over: dict[str, Any] = {"policy": policy, **extra}
                 if b is not None:
                     over["page_budget"] = b
                 out.append(Method(name, "lsa", over, b))
         else:
-            raise ValueError(f"unknown method {name!r}; known: stock, dense, lsa, {', '.join(POLICIES + tuple(VARIANTS))}")
+            raise ValueError(f"unknown method {name!r}; known: stock, dense, lsa, "
+                             f"{', '.join(POLICIES + tuple(VARIANTS))}, attention-from<N>")
     return out
 
 

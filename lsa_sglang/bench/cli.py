@@ -422,7 +422,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budgets", type=budget_list, default=[None],
                    help="page budgets of the LSA policies, e.g. 4,8,16 ('default': the preset's)")
     p.add_argument("--methods", type=name_list, default=name_list("stock,dense,indexer,recency,random,quest"),
-                   help="subset of stock,dense,indexer,recency,random,quest,attention,indexer-nofallback")
+                   help="of stock, dense, lsa (the preset as served), the policies, the A/B variants "
+                        "(an unknown name lists them) and attention-from<N> (window 0 from layer N up)")
     _add_output_args(p)
 
 

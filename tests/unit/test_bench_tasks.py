@@ -277,6 +277,10 @@ def test_methods_summary_and_table():
     assert rows.lsa == {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
     (from3,) = build_methods(["attention-from3"], [None])
     assert from3.lsa == {"policy": "attention", "attention_first_layer": 3}
+    (from11,) = build_methods(["attention-from11"], [None])
+    assert from11.lsa == {"policy": "attention", "attention_first_layer": 11} and from11.label == "attention-from11"
+    with pytest.raises(ValueError, match="attention-from<N>"):
+        build_methods(["attention-fromx"], [None])
     recs = [
         {"method": "indexer@4", "policy": "indexer", "budget": 4, "length": 1024, "task": t, "score": sc,
          "all_found": sc == 1.0, "kv_ratio": kv}
