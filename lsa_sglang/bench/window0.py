@@ -9,7 +9,9 @@ picked chunks, the recency tail (and the tokens it generated). Rules differ only
 their answers compare at equal device bytes.
 
 Also reported per rule: the needle recall (the fraction of answer strings whose tokens lie in
-resident chunks) and, for reference, an *oracle* that picks by the attention the dense decode of the
+resident chunks), with ``--reselect`` what the swaps did (`swap_report`: each swap, how many
+brought a needle in or took one out, which answer strings were ever on the device) and, for
+reference, an *oracle* that picks by the attention the dense decode of the
 answer itself paid (the upper bound for any prediction of what the answer reads).
 
     lsa-bench window0 --tasks niah_multikey niah_multivalue --samples 3 --seed 9500 \\
@@ -123,7 +125,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     """Greedy decode from the window-0 set with re-selection on evidence after every step, as the
     server's `reselect` does (`quest_shares` over every layer's bfloat16 key bounds, then
     `evidence_swap`, one chunk per step; `exact`: the step's true attention instead of the bounds).
-    Returns the tokens and the number of swaps."""
+    Returns the tokens and the swaps as ``(answer tokens so far, incoming, outgoing)`` chunks."""
     from transformers import DynamicCache
 
     def bound(f):
@@ -152,7 +154,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
 
     cache, n_keep = build(None)
     pos, tok = state["k"][0].shape[0], state["first"]
-    out, swaps, copying = [tok], 0, []
+    out, swaps, copying = [tok], [], []
     with torch.no_grad():
         while len(out) < n_new and tok not in eos:
             logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
@@ -170,11 +172,28 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             swap = evidence_swap(share, held, member_mask(picked, lo, hi), allowed)
             if swap is not None and len(out) > int(gate or 0):
                 picked = (picked - {lo + swap[1]}) | {lo + swap[0]}
-                swaps += 1
+                swaps.append((len(out), lo + swap[0], lo + swap[1]))
                 gen = [(layer.keys[0, :, n_keep:].transpose(0, 1), layer.values[0, :, n_keep:].transpose(0, 1))
                        for layer in cache.layers]
                 cache, n_keep = build(gen)
     return out, swaps
+
+
+def swap_report(swaps: list[tuple[int, int, int]], resident: set[int], needles: list[list[int]]) -> dict:
+    """What re-selection did for the needles: ``swaps`` as `decode_reselect` returns them,
+    ``resident`` window 0's resident set, ``needles`` per answer string its chunks (`needle_chunks`).
+    Counts the swaps that brought a needle's chunk in, took one out, and brought in one the
+    answer had already had on the device (resident at window 0 or swapped in before); lists the answer
+    strings whose every chunk was on the device at some step (window 0 or a swap)."""
+    of = {c for cs in needles for c in cs}
+    seen, back = set(resident), 0
+    for _, incoming, _ in swaps:
+        back += incoming in seen
+        seen.add(incoming)
+    return {"swaps": len(swaps), "needle_in": sum(i in of for _, i, _ in swaps),
+            "needle_out": sum(o in of for _, _, o in swaps), "returned": back,
+            "needles_ever_resident": [i for i, cs in enumerate(needles) if cs and all(c in seen for c in cs)],
+            "log": [list(s) for s in swaps]}
 
 
 def needle_chunks(tok, text: str, answers: list[str], cs: int) -> list[list[int]]:
@@ -408,7 +427,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 runs = [] if args.reselect_only and args.reselect else [(label, None)]
                 runs += [(f"{label}+{sig}", sig) for sig in args.reselect]
                 for run_label, sig in runs:
-                    swaps = 0
+                    swaps = None
                     if sig is None:
                         out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
                     else:
@@ -420,10 +439,14 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
                     rec["rules"][run_label] = {"prediction": text, "score": string_match_all(text, s.answers),
                                                "needle_recall": recall, "picked": sel.picked.tolist(),
-                                               "kv_ratio": len(keep) / len(ids), "swaps": swaps}
+                                               "kv_ratio": len(keep) / len(ids)}
+                    if swaps is not None:
+                        rec["rules"][run_label]["reselection"] = swap_report(swaps, res, needles)
         records.append(rec)
         print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
-                          **{k: (v["score"], v.get("needle_recall")) for k, v in rec["rules"].items()}}), flush=True)
+                          **{k: (v["score"], v.get("needle_recall"),
+                                 *([len(v["reselection"]["needles_ever_resident"])] if "reselection" in v else []))
+                             for k, v in rec["rules"].items()}}), flush=True)
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         for name, v in r["rules"].items():

@@ -340,3 +340,18 @@ def test_window0_served_rule_names_its_fields():
         with pytest.raises(SystemExit) as e:
             main(["--rules", rule, "--model", "/nonexistent"])
         assert e.value.code == 2
+
+
+def test_window0_swap_report_follows_the_needles_through_the_swaps():
+    """`lsa-bench window0 --reselect`: the report counts swaps that bring a needle's chunk in or
+    take one out, and those that bring back a chunk the device already had; an answer string cut
+    over two chunks counts as on the device only once both were (not necessarily at once)."""
+    from lsa_sglang.bench.window0 import swap_report
+
+    needles = [[4], [7, 8], [12], []]  # the last answer string is not in the prompt
+    swaps = [(17, 7, 2), (18, 3, 4), (20, 4, 3), (25, 9, 7)]  # (answer tokens, incoming, outgoing)
+    r = swap_report(swaps, {0, 2, 4, 8}, needles)
+    assert (r["swaps"], r["needle_in"], r["needle_out"], r["returned"]) == (4, 2, 2, 1)
+    assert r["needles_ever_resident"] == [0, 1]  # 12 never came in
+    assert r["log"] == [[17, 7, 2], [18, 3, 4], [20, 4, 3], [25, 9, 7]]
+    assert swap_report([], {12}, needles)["needles_ever_resident"] == [2]
