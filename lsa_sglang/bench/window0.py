@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         records.append(rec)
         print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
                           **{k: (v["score"], v.get("needle_recall"),
-                                 *([len(v["reselection"]["needles_ever_resident"])] if "reselection" in v else []))
+                                 len(v["reselection"]["needles_ever_resident"]) if "reselection" in v else None)
                              for k, v in rec["rules"].items()}}), flush=True)
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
