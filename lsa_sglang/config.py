@@ -235,6 +235,14 @@ class LSAConfig:
         return self.enabled and self.reselect != "off" and self.policy == "attention"
 
     @property
+    def reads_chunk_keys(self) -> bool:
+        """Some selection reads the chunks' keys at the target layers (the indexer's scores, or
+        the `quest` policy's bound): not the `attention` policy when later windows carry."""
+        if not self.enabled or self.policy in ("recency", "random"):
+            return False
+        return self.policy != "attention" or self.attention_later == "indexer"
+
+    @property
     def extra_edge_chunks(self) -> int:
         """Chunks the straddle rule may hold beyond the selection budget (`edge_pages`)."""
         return self.edge_pages * self.chunks_per_page if self.reselects and self.reselect_edge else 0

@@ -50,8 +50,9 @@ class LSAMemoryManager:
         )
         self.capture = capture  # models.adapter.HiddenCapture
         hk, dh = self.cells.kv_heads, self.cells.head_dim
-        # selection metadata on the device: mean, min and max key of each mirrored chunk at the
-        # target layers (float32), counted in a request's device bytes
+        # selection metadata on the device, counted in a request's device bytes: when its selection
+        # reads them (`reads_chunk_keys`), mean, min and max key of each mirrored chunk at the
+        # target layers (float32)
         self.meta_bytes = 3 * len(capture.layers) * hk * dh * 4
         # with `reselect` also every layer's key min and max (bfloat16): the Quest bound of chunks
         # the device does not hold
@@ -311,7 +312,7 @@ class LSAMemoryManager:
         else:
             pending = len(table.pending.new_pages) if table.pending else 0
             device_pages = len(table.resident) + (total_pages - table.mirrored) + pending
-        meta = self.meta_bytes + (self.bound_bytes if table.config.reselects else 0)
+        meta = self.meta_bytes * table.config.reads_chunk_keys + self.bound_bytes * table.config.reselects
         st.selection_metadata_bytes = table.mirrored * meta if table.config.enabled else 0
         st.device_kv_bytes = device_pages * self.page_bytes + st.selection_metadata_bytes
         st.peak_device_kv_bytes = max(st.peak_device_kv_bytes, st.device_kv_bytes)

@@ -144,11 +144,12 @@ class WindowCycle:
         if config.policy == "attention" and n > 0 and queries is not None:
             scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
             table.window0_scores = scores
-        elif config.policy == "attention" and config.attention_later == "carry" and table.window0_scores is not None:
+        elif config.policy == "attention" and config.attention_later == "carry":
             # later windows rank by what the prompt's last rows attended (chunks written since score 0)
-            scores = torch.zeros(n, dtype=table.window0_scores.dtype)
-            kept = min(n, table.window0_scores.numel())
-            scores[:kept] = table.window0_scores[:kept]
+            scores = torch.zeros(n)
+            if table.window0_scores is not None:
+                kept = min(n, table.window0_scores.numel())
+                scores[:kept] = table.window0_scores[:kept]
         elif config.policy in SCORED and n > 0:
             hidden = self.capture.last_hidden(table.req_pool_idx)
             if hidden is not None:  # `attention` after window 0: the indexer's scores, budget filled
@@ -328,16 +329,21 @@ class WindowCycle:
             pages = [self.cells.page_of(table.req_pool_idx, new[i]) for i in misses]
             copy_chunks_to_host(self.cells.k_buffers, self.cells.v_buffers, pages, self.host.buffer, fresh)
             computed = self.cells.chunk_keys(torch.tensor(pages, device=self.cells.device), self.target_layers)
+            computed = [k.cpu() for k in computed]  # the mirror's copy lives on the host
             for n, (i, slot) in enumerate(zip(misses, fresh)):
                 slots[i], keys[i] = slot, tuple(k[n] for k in computed)
                 if chain is not None:
                     self.host.publish(slot, chain[new[i]], keys[i])
         shared = len(new) - len(misses)
         self.server.count(table.stats, host_chunks_shared=shared)
+        # the device keeps (and counts, `_account`) only what this request's selection reads
+        config = table.config
+        wanted = (config.reads_chunk_keys,) * 3 + (config.reselects,)
         old = (table.keys, table.kmin, table.kmax, table.bounds)
-        grown = [torch.stack(parts) for parts in zip(*keys)]  # the new chunks' mean, kmin, kmax, bounds
+        grown = [torch.stack(parts).to(self.cells.device) if want else None
+                 for parts, want in zip(zip(*keys), wanted)]  # the new chunks' mean, kmin, kmax, bounds
         table.keys, table.kmin, table.kmax, table.bounds = (
-            g if o is None else torch.cat([o, g]) for o, g in zip(old, grown)
+            g if o is None or g is None else torch.cat([o, g]) for o, g in zip(old, grown)
         )
         table.host_slots.extend(slots)
         if chain is not None:

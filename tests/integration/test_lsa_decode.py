@@ -216,6 +216,8 @@ def test_later_windows_carry_and_swap_limit(lsa_server):
         got[name] = req
     copied = {name: req["chunks_copied"] for name, req in got.items()}
     assert copied["carry"] == 0 and copied["indexer"] > 0, copied
+    # carry reads no chunk keys at any boundary: the device keeps (and counts) none for it
+    assert got["carry"]["selection_metadata_bytes"] == 0 < got["indexer"]["selection_metadata_bytes"]
     assert copied["quest"] > got["quest"]["windows"] and 1 <= copied["quest, limit 1"] <= got["quest"]["windows"], copied
     assert got["quest, limit 1"]["peak_device_kv_bytes"] < got["quest"]["peak_device_kv_bytes"]
 
@@ -227,17 +229,24 @@ def test_reselect_on_evidence_swaps_in_place(lsa_server, baseline):
     logprobs NaN), every layer's key bounds counted as metadata, no cell left behind."""
     ids = haystack_ids(lsa_server, 3000, seed=9)
     got = {}
-    for mode, after in (("off", 0), ("quest", 0), ("quest", 24)):
-        out = greedy(lsa_server, ids, n=24, lsa={"policy": "attention", "reselect": mode, "reselect_after": after},
-                     logprobs=True)
+    for mode, after, later in (("off", 0, "indexer"), ("quest", 0, "indexer"), ("quest", 24, "indexer"),
+                               ("quest", 0, "carry")):
+        out = greedy(lsa_server, ids, n=24, logprobs=True, lsa={"policy": "attention", "reselect": mode,
+                                                               "reselect_after": after, "attention_later": later})
         assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
-        got[mode, after] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
-    on, off, gated = got["quest", 0], got["off", 0], got["quest", 24]
+        got[mode, after, later] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    on, off, gated, carry = got["quest", 0, "indexer"], got["off", 0, "indexer"], got["quest", 24, "indexer"], \
+        got["quest", 0, "carry"]
     assert off["reselections"] == 0 and on["reselections"] >= 1, (on, off)
     # `reselect_after: 24`: no swap while the answer has at most 24 tokens, the bounds still kept
     assert gated["reselections"] == 0 and gated["selection_metadata_bytes"] == on["selection_metadata_bytes"]
     assert on["stalls"] >= on["reselections"] and on["chunks_copied"] >= on["reselections"]
     assert on["selection_metadata_bytes"] > off["selection_metadata_bytes"]
+    # with later windows carried only the bounds stay: every layer's key min and max per mirrored
+    # chunk (SmolLM2: 30 layers, 3 KV heads of 64 dims, bfloat16), the indexer's keys not at all
+    bounds = carry["selection_metadata_bytes"]
+    assert bounds % (2 * 30 * 3 * 64 * 2) == 0 and bounds == on["selection_metadata_bytes"] - off["selection_metadata_bytes"]
+    assert carry["reselections"] >= 1
     after = wait_idle(lsa_server, flush=True)["server"]
     assert after["reselections"] >= on["reselections"]
     assert after["device_free_tokens"] == baseline["device_free_tokens"]

@@ -133,3 +133,17 @@ def test_budget_in_tokens_errors(data, text):
     with pytest.raises(LSAConfigError) as e:
         LSAConfig.from_dict(data)
     assert text in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("fields, reads", [
+    ({"policy": "indexer"}, True),
+    ({"policy": "quest"}, True),
+    ({"policy": "attention"}, True),  # later windows from the indexer
+    ({"policy": "attention", "attention_later": "carry"}, False),
+    ({"policy": "attention", "attention_later": "carry", "reselect": "quest"}, False),
+    ({"policy": "recency"}, False),
+    ({"policy": "random"}, False),
+    ({"policy": "indexer", "enabled": False}, False),
+])
+def test_chunk_keys_kept_only_for_a_selection_that_reads_them(fields, reads):
+    assert LSAConfig(**fields).reads_chunk_keys is reads
