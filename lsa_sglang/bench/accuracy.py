@@ -31,6 +31,7 @@ VARIANTS = {
     "attention-heads": ("attention", {"attention_per_head": True}),
     "attention-spill": ("attention", {"attention_spill": 16}),
     "attention-carry": ("attention", {"attention_later": "carry"}),
+    "attention-later-indexer": ("attention", {"attention_later": "indexer"}),
     "attention-swap-all": ("attention", {"swap_limit": None}),
     "attention-reselect": ("attention", {"reselect": "quest"}),
     "attention-no-reselect": ("attention", {"reselect": "off"}),
