@@ -49,14 +49,6 @@ class LSAMemoryManager:
             config.host_pool_bytes, pin=self.cells.device.type == "cuda",
         )
         self.capture = capture  # models.adapter.HiddenCapture
-        hk, dh = self.cells.kv_heads, self.cells.head_dim
-        # selection metadata on the device, counted in a request's device bytes: when its selection
-        # reads them (`reads_chunk_keys`), mean, min and max key of each mirrored chunk at the
-        # target layers (float32)
-        self.meta_bytes = 3 * len(capture.layers) * hk * dh * 4
-        # with `reselect` also every layer's key min and max (bfloat16): the Quest bound of chunks
-        # the device does not hold
-        self.bound_bytes = 2 * self.cells.num_layers * hk * dh * 2
         self.server = ServerStats()
         self.windows = WindowCycle(self.cells, self.host, capture, indexer, self.server,
                                    req_of=lambda t: self._req(t.req_pool_idx, t.rid),
@@ -312,8 +304,8 @@ class LSAMemoryManager:
         else:
             pending = len(table.pending.new_pages) if table.pending else 0
             device_pages = len(table.resident) + (total_pages - table.mirrored) + pending
-        meta = self.meta_bytes * table.config.reads_chunk_keys + self.bound_bytes * table.config.reselects
-        st.selection_metadata_bytes = table.mirrored * meta if table.config.enabled else 0
+        # the selection metadata the table keeps on the device (`WindowCycle.write_through`)
+        st.selection_metadata_bytes = sum(t.numel() * t.element_size() for t in table.metadata())
         st.device_kv_bytes = device_pages * self.page_bytes + st.selection_metadata_bytes
         st.peak_device_kv_bytes = max(st.peak_device_kv_bytes, st.device_kv_bytes)
         st.resident_ratio = st.device_kv_bytes / max(st.full_kv_bytes, 1)

@@ -133,6 +133,11 @@ class ChunkTable:
     def mirrored(self) -> int:
         return len(self.host_slots)
 
+    def metadata(self) -> list[torch.Tensor]:
+        """The selection metadata kept on the device: what this request's selection reads
+        (`LSAConfig.reads_chunk_keys`: the target layers' keys; `reselects`: every layer's bounds)."""
+        return [t for t in (self.keys, self.kmin, self.kmax, self.bounds) if t is not None]
+
     def read_positions(self, seq_len: int, chunk_size: int, device) -> torch.Tensor:
         """Token positions attention reads: resident mirrored chunks + everything after them."""
         cs = chunk_size
