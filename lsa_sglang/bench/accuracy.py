@@ -2,9 +2,10 @@
 
 A *method* is which server answers plus the LSA per-request overrides it gets: stock SGLang, dense
 attention on the LSA server (`enabled: false`), the indexer, and the baselines at the same page
-budget (`recency`, `random`, `quest`). Prompts are sent sample-major: one prompt under every
-method back to back, so once SGLang's prefix cache works with LSA the prompt is prefilled once and
-only the decode differs between methods. The device KV ratio of a request comes from
+budget (`recency`, `random`, `quest`: Quest's min/max bound with the backbone's query at every
+layer). Prompts are sent sample-major: one prompt under every method back to back, so once
+SGLang's prefix cache works with LSA the prompt is prefilled once and only the decode differs
+between methods. The device KV ratio of a request comes from
 `/lsa/stats` (peak device KV bytes during decode / full KV bytes), matched by the request id.
 """
 

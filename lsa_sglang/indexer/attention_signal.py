@@ -106,6 +106,27 @@ def quest_shares(queries: Sequence[torch.Tensor], kmin: torch.Tensor, kmax: torc
     return best.cpu()
 
 
+def quest_window0(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], scales: Sequence[float],
+                  n_chunks: int, chunk_size: int, candidates: tuple[int, int]) -> torch.Tensor:
+    """Window 0 by Quest: the last prompt token's query at every layer (``queries`` per layer
+    ``[H, D]``) bounds each candidate chunk from its keys' elementwise min and max (``keys`` per
+    layer ``[T, Hk, D]``, the prompt's keys still on the device at admission), combined as
+    `quest_shares` does (per layer each head's softmax over the bounds, heads summed and
+    renormalised over the candidates ``[lo, hi)``, max over layers). Chunks outside the range
+    score 0. Returns ``[n_chunks]`` float32 on the CPU; nothing is kept."""
+    lo, hi = candidates
+    scores = torch.zeros(n_chunks, dtype=torch.float32)
+    if hi <= lo:
+        return scores
+    mins, maxs = [], []
+    for k in keys:
+        pages = k[lo * chunk_size : hi * chunk_size].reshape(hi - lo, chunk_size, *k.shape[1:])
+        mins.append(pages.amin(dim=1))
+        maxs.append(pages.amax(dim=1))
+    scores[lo:hi] = quest_shares(queries, torch.stack(mins, 1), torch.stack(maxs, 1), scales)
+    return scores
+
+
 def raise_held(held: torch.Tensor, share: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
     """In place: each chunk's largest share so far (``held``), first shrunk by ``decay`` (1: kept
     for good), raised to what the last step read of it (``share``). Below 1 a chunk the answer has

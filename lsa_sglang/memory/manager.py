@@ -105,9 +105,12 @@ class LSAMemoryManager:
         return self.config if entry is None else entry.config
 
     def query_rows(self, rid: str) -> int:
-        """Prompt rows whose queries window 0 reads (0: the request's policy reads none)."""
+        """Prompt rows whose queries window 0 reads (0: the request's policy reads none): the
+        `attention` policy's `attention_rows`, the `quest` policy's last prompt token."""
         config = self._config_for(rid)
-        return config.attention_rows if config.enabled and config.policy == "attention" else 0
+        if not config.enabled:
+            return 0
+        return {"attention": config.attention_rows, "quest": 1}.get(config.policy, 0)
 
     # -- admission -------------------------------------------------------------------------
     def host_chunks_needed(self, prompt_tokens: int) -> int:

@@ -32,8 +32,8 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, raise_held, release_copied,
-    step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, quest_window0, raise_held,
+    release_copied, step_peak,
 )
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
@@ -144,6 +144,8 @@ class WindowCycle:
         if config.policy == "attention" and n > 0 and queries is not None:
             scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
             table.window0_scores = scores
+        elif config.policy == "quest" and n > 0 and queries is not None:
+            scores = self._quest_window0(table, seq_len, queries, candidate_chunks(n, params))
         elif config.policy == "attention" and config.attention_later == "carry":
             # later windows rank by what the prompt's last rows attended (chunks written since score 0)
             scores = torch.zeros(n)
@@ -279,6 +281,19 @@ class WindowCycle:
                 [queries[l][0][-rows:] for l in layers], (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
                 [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
                 per_head=table.config.attention_per_head, spill=table.config.attention_spill,
+            )
+
+    def _quest_window0(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
+        """Window 0 of the `quest` policy: the last prompt token's query at every layer bounds
+        each candidate chunk from the min and max of its keys, still on the device at admission
+        (`indexer.attention_signal.quest_window0`)."""
+        slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
+        layers = sorted(queries)
+        lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
+        with torch.no_grad():
+            return quest_window0(
+                [queries[l][0][-1] for l in layers], (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
+                [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):

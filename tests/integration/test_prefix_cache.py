@@ -69,6 +69,20 @@ def test_attention_rows_are_prefilled_for_a_cached_prompt_too(server):
     assert cached(greedy(server, ids, n=2)) >= len(ids) - 64  # the indexer policy still takes it all
 
 
+def test_quest_window0_reads_the_last_row_of_a_cached_prompt_too(server):
+    """The `quest` policy's window 0 bounds the chunks with the prompt's last query row at every
+    layer: a prompt served from the cache still prefills that row, keeps its selection (device
+    bytes well under the full KV) and answers as cold."""
+    ids = haystack_ids(server, 2000, seed=41)
+    lsa = {"policy": "quest", "page_budget": 2}
+    cold = greedy(server, ids, n=24, lsa=lsa)
+    warm = greedy(server, ids, n=24, lsa=lsa)
+    assert cached(cold) == 0 and cached(warm) >= len(ids) - 64
+    assert warm["output_ids"] == cold["output_ids"]
+    req = next(r for r in stats(server)["requests"] if r["rid"] == warm["meta_info"]["id"])
+    assert req["policy"] == "quest" and req["peak_device_kv_bytes"] < 0.5 * req["full_kv_bytes"]
+
+
 def test_chat_turns_reuse_previous_turns(server):
     doc = haystack_ids(server, 1500, seed=32)
     q = lambda text: requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]  # noqa: E731

@@ -10,8 +10,8 @@ import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, raise_held, release_copied,
-    step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, quest_window0, raise_held,
+    release_copied, step_peak,
 )
 
 
@@ -207,6 +207,28 @@ def test_quest_shares_match_the_definition_and_bound_the_keys(heads, kv_heads):
             mass += torch.softmax(torch.tensor(bound, dtype=torch.float64) * 0.3, 0)
         want = torch.maximum(want, mass / mass.sum())
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_quest_window0_bounds_each_candidate_chunk_from_its_keys():
+    """Window 0 of the `quest` policy: the candidate chunks' min/max over their own tokens' keys
+    (a trailing partial chunk and the chunks outside the range play no part), scored as
+    `quest_shares`; a key one layer's query points at wins its chunk the top score even when
+    every other layer's keys are noise."""
+    g = torch.Generator().manual_seed(3)
+    heads, kv_heads, d, cs, n, layers = 4, 2, 8, 4, 7, 3
+    keys = [torch.randn(n * cs + 2, kv_heads, d, generator=g) for _ in range(layers)]  # + a partial chunk
+    queries = [torch.randn(heads, d, generator=g) for _ in range(layers)]
+    lo, hi = 1, 6
+    got = quest_window0(queries, iter(keys), [0.3] * layers, n, cs, (lo, hi))
+    pages = torch.stack([k[: n * cs].view(n, cs, kv_heads, d) for k in keys], 2)  # [n, cs, L, Hk, D]
+    want = quest_shares(queries, pages[lo:hi].amin(1), pages[lo:hi].amax(1), [0.3] * layers)
+    torch.testing.assert_close(got[lo:hi], want)
+    assert got[:lo].eq(0).all() and got[hi:].eq(0).all()
+    assert float(got.sum()) > 0
+    keys[1][4 * cs + 2] = 8.0 * queries[1][0]  # chunk 4 holds a key layer 1's head 0 reads
+    got = quest_window0(queries, iter(keys), [0.3] * layers, n, cs, (lo, hi))
+    assert int(got.argmax()) == 4
+    assert quest_window0(queries, iter(keys), [0.3] * layers, n, cs, (3, 3)).eq(0).all()
 
 
 def test_evidence_swap_takes_the_best_outsider_for_the_weakest_insider():
