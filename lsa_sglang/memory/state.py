@@ -127,7 +127,7 @@ class ChunkTable:
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
     stats: RequestStats | None = None
-    window0_scores: torch.Tensor | None = None  # `attention` policy: admission's scores, for carry
+    window0_scores: torch.Tensor | None = None  # window 0 of `attention` or `quest`: the admission's scores (`attention` carries them)
 
     @property
     def mirrored(self) -> int:

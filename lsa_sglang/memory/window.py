@@ -141,11 +141,9 @@ class WindowCycle:
         scores = tail_mass = None
         t = time.perf_counter()
         queries = self.capture.take_queries(table.req_pool_idx)  # only the admission uses them
-        if config.policy == "attention" and n > 0 and queries is not None:
-            scores = self._attention_scores(table, seq_len, queries, candidate_chunks(n, params))
+        if n > 0 and queries is not None:  # window 0 of `attention` or `quest`: the prefill's queries
+            scores = self._window0_scores(table, seq_len, queries, candidate_chunks(n, params))
             table.window0_scores = scores
-        elif config.policy == "quest" and n > 0 and queries is not None:
-            scores = self._quest_window0(table, seq_len, queries, candidate_chunks(n, params))
         elif config.policy == "attention" and config.attention_later == "carry":
             # later windows rank by what the prompt's last rows attended (chunks written since score 0)
             scores = torch.zeros(n)
@@ -268,32 +266,24 @@ class WindowCycle:
                                      scales, watched)])
         return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=spare, slot=slot)
 
-    def _attention_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
-        """Window 0: the last `attention_rows` prompt tokens' attention at every layer from
-        `attention_first_layer` on (`indexer.attention_signal`), over the prompt's keys, all still
-        on the device at admission."""
+    def _window0_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
+        """Window 0 from the prefill's queries over the prompt's keys, all still on the device at
+        admission (`indexer.attention_signal`): `attention`, the last `attention_rows` prompt
+        tokens' attention at every layer from `attention_first_layer` on; `quest`, the last prompt
+        token's Quest bound of each chunk's key min and max at every layer."""
+        config = table.config
         slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
-        layers = [l for l in sorted(queries) if l >= table.config.attention_first_layer]
+        first = config.attention_first_layer if config.policy == "attention" else 0
+        layers = [l for l in sorted(queries) if l >= first]
         lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
-        rows = table.config.attention_rows
+        keys = (self.cells.k_buffers[l].index_select(0, slots) for l in layers)
+        scales = [queries[l][1] for l in layers]
         with torch.no_grad():
+            if config.policy == "quest":
+                return quest_window0([queries[l][0][-1] for l in layers], keys, scales, table.mirrored, self.cs, (lo, hi))
             return attention_scores(
-                [queries[l][0][-rows:] for l in layers], (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
-                [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
-                per_head=table.config.attention_per_head, spill=table.config.attention_spill,
-            )
-
-    def _quest_window0(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
-        """Window 0 of the `quest` policy: the last prompt token's query at every layer bounds
-        each candidate chunk from the min and max of its keys, still on the device at admission
-        (`indexer.attention_signal.quest_window0`)."""
-        slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
-        layers = sorted(queries)
-        lo, hi = (int(cand[0]), int(cand[-1]) + 1) if len(cand) else (0, 0)
-        with torch.no_grad():
-            return quest_window0(
-                [queries[l][0][-1] for l in layers], (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
-                [queries[l][1] for l in layers], table.mirrored, self.cs, (lo, hi),
+                [queries[l][0][-config.attention_rows:] for l in layers], keys, scales, table.mirrored, self.cs,
+                (lo, hi), per_head=config.attention_per_head, spill=config.attention_spill,
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):
