@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import textwrap
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -225,7 +226,8 @@ def plot_accuracy_vs_kv(rows: Sequence[dict[str, Any]], path: Path, title: str) 
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
+    # wrapped to the figure's width (~12 characters an inch at 10 pt), a long task list at its commas
+    fig.suptitle(textwrap.fill(re.sub(r",(?=\S)", ", ", title), width=int(12 * fig.get_figwidth())), fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
