@@ -17,6 +17,11 @@ answer itself paid (the upper bound for any prediction of what the answer reads)
     lsa-bench window0 --tasks niah_multikey niah_multivalue --samples 3 --seed 9500 \\
         --json bench/results/window0-qwen2.5-0.5b.json
 
+With ``--mean-fill`` each rule is also decoded with every dropped chunk read as one mean key and
+value (`mean_fill`), to see what the attention mass the selection drops changes in the answers;
+with ``--fidelity`` each rule's window-0 set is also scored teacher-forced along the dense answer
+(`fidelity`), a measure that does not flip between 0 and 1 on one chunk as an answer's score does.
+
 Prefills are cached under ``--cache`` (fp32 KV, ~200 MB per 8K prompt), so a rule added later costs
 only its decodes. The served path is `lsa-bench compare`; this is the quick loop for choosing rules.
 """
@@ -26,6 +31,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
+import re
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -40,7 +47,8 @@ from lsa_sglang.cli import CliError
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import (
-    attention_scores, copied_chunks, evidence_swap, layer_chunk_mass, quest_shares, raise_held, release_copied,
+    attention_scores, copied_chunks, evidence_swap, layer_chunk_mass, quest_shares, quest_window0, raise_held,
+    release_copied,
 )
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 
@@ -87,27 +95,87 @@ def prefill(model, tap: QueryTap, ids: list[int]):
             "k": keys, "v": values}
 
 
-def decode(model, tap: QueryTap | None, state, keep: torch.Tensor | None, n_new: int, eos: set[int]):
-    """Greedy decode from the prefill state reading only prompt positions `keep` (None: all).
-    Returns the tokens and, if `tap`, each step's queries per layer ([H, D] per layer)."""
+def _cache(state, keep: torch.Tensor | None, fill: list[tuple[torch.Tensor, torch.Tensor]] | None = None):
+    """A DynamicCache of the prompt positions `keep` (None: all), then `fill`'s keys and values."""
     from transformers import DynamicCache
 
     cache = DynamicCache()
     for l, (k, v) in enumerate(zip(state["k"], state["v"])):
         if keep is not None:
             k, v = k.index_select(0, keep), v.index_select(0, keep)
+        if fill is not None:
+            k, v = torch.cat([k, fill[l][0]]), torch.cat([v, fill[l][1]])
         cache.update(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous(), l)
+    return cache
+
+
+def answer_logprobs(model, state, keep: torch.Tensor | None, answer: list[int]) -> torch.Tensor:
+    """Next-token log-probabilities ``[len(answer) - 1, vocab]`` along `answer` (its first token is
+    the prefill's), teacher-forced in one forward from the prompt positions `keep` (None: all)."""
+    pos = state["k"][0].shape[0]
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([answer[:-1]]), past_key_values=_cache(state, keep), use_cache=True,
+                       position_ids=torch.arange(pos, pos + len(answer) - 1)[None]).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)
+
+
+def fidelity(dense: torch.Tensor, sparse: torch.Tensor, answer: list[int]) -> dict[str, float]:
+    """How closely a selection follows the dense answer, teacher-forced (`answer_logprobs` of both):
+    the share of the answer's tokens that stay the greedy choice, and the mean KL(dense || sparse)
+    of the next-token distributions. Continuous where the answer's score is 0 or 1."""
+    if sparse.shape[0] == 0:
+        return {"agree": 1.0, "kl": 0.0}
+    agree = (sparse.argmax(-1) == torch.tensor(answer[1:])).float().mean()
+    kl = (dense.exp() * (dense - sparse)).sum(-1).clamp_min(0).mean()
+    return {"agree": round(float(agree), 4), "kl": round(float(kl), 5)}
+
+
+def decode(model, tap: QueryTap | None, state, keep: torch.Tensor | None, n_new: int, eos: set[int],
+           fill: list[tuple[torch.Tensor, torch.Tensor]] | None = None, fill_bias: float = 0.0):
+    """Greedy decode from the prefill state reading only prompt positions `keep` (None: all).
+    `fill`: per layer extra ``(keys, values)`` read after the kept ones, each key's logit raised by
+    `fill_bias` (`mean_fill`). Returns the tokens and, if `tap`, each step's queries per layer
+    ([H, D] per layer)."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    cache = _cache(state, keep, fill)
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    if fill is not None:  # one decode row at a time: the bias is the whole mask
+        n_keep, n_fill = (state["k"][0].shape[0] if keep is None else keep.numel()), fill[0][0].shape[0]
+
+        def biased(module, q, k, v, mask, **kw):
+            bias = torch.zeros(k.shape[2], dtype=q.dtype)
+            bias[n_keep : n_keep + n_fill] = fill_bias
+            return sdpa(module, q, k, v, bias[None, None, None, :], **kw)
+
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = biased
     pos, tok = state["k"][0].shape[0], state["first"]
     out, queries = [tok], []
-    with torch.no_grad():
-        while len(out) < n_new and tok not in eos:
-            logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]), past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[0, -1]
-            if tap is not None:
-                queries.append([tap.q[i][0] for i in range(len(state["k"]))])
-            tok, pos = int(logits.argmax()), pos + 1
-            out.append(tok)
+    try:
+        with torch.no_grad():
+            while len(out) < n_new and tok not in eos:
+                logits = model(input_ids=torch.tensor([[tok]]), position_ids=torch.tensor([[pos]]),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
+                if tap is not None:
+                    queries.append([tap.q[i][0] for i in range(len(state["k"]))])
+                tok, pos = int(logits.argmax()), pos + 1
+                out.append(tok)
+    finally:
+        ALL_ATTENTION_FUNCTIONS["sdpa"] = sdpa
     return out, queries
+
+
+def mean_fill(state, dropped: list[int], cs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer one key and one value per dropped chunk, the means of its tokens' (post-RoPE)
+    keys and values: read with the logit raised by ln(cs), a chunk of like keys weighs as much
+    as its tokens would, so the softmax keeps roughly the dense prompt's normaliser."""
+    out = []
+    for k, v in zip(state["k"], state["v"]):
+        n = len(dropped)
+        idx = (torch.tensor(dropped)[:, None] * cs + torch.arange(cs)).reshape(-1)
+        out.append((k.index_select(0, idx).view(n, cs, *k.shape[1:]).mean(1),
+                    v.index_select(0, idx).view(n, cs, *v.shape[1:]).mean(1)))
+    return out
 
 
 def exact_shares(qs, state, cs: int, lo: int, hi: int) -> torch.Tensor:
@@ -252,19 +320,34 @@ def rule(rows: int, pool: str, first_layer: int = 0) -> Callable:
     return score
 
 
-def interleave(*rules: Callable) -> Callable:
-    """The budget shared by turns: each rule's best chunk, then each rule's second, ... (a chunk
-    scores its best rank under any rule; ties go to the first rule's score)."""
+def contrast(rows: int, first_layer: int = 3) -> Callable:
+    """What the last `rows` rows read beyond what the earlier tapped rows read: per layer the
+    rows' summed chunk share minus the share of the rows before the last 64 (plain prompt text,
+    so chunks every row attends by position cancel), kept above 0, max over layers."""
     def score(m: torch.Tensor) -> torch.Tensor:
-        ranks = []
-        for r in rules:
-            order = torch.argsort(r(m), descending=True, stable=True)
-            rank = torch.empty_like(order)
-            rank[order] = torch.arange(order.numel())
-            ranks.append(rank)
-        best = torch.stack(ranks).amin(0).double()
-        return 1.0 / (1.0 + best) + 1e-9 * rules[0](m).double()
+        m = m[first_layer:]
+        if m.shape[1] <= 64:
+            raise CliError("contrast rules need --rows above 64")
+        return (_share(m[:, -rows:].sum(1)) - _share(m[:, :-64].sum(1))).clamp_min(0).amax(0)
     return score
+
+
+def turns(scores: list[torch.Tensor]) -> torch.Tensor:
+    """The budget shared by turns: each score vector's best chunk, then each one's second, ... (a
+    chunk scores its best rank under any; ties go to the first vector's score)."""
+    ranks = []
+    for v in scores:
+        order = torch.argsort(v, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank[order] = torch.arange(order.numel())
+        ranks.append(rank)
+    best = torch.stack(ranks).amin(0).double()
+    return 1.0 / (1.0 + best) + 1e-9 * scores[0].double()
+
+
+def interleave(*rules: Callable) -> Callable:
+    """Rules taking turns (`turns`) over the same masses."""
+    return lambda m: turns([r(m) for r in rules])
 
 
 RULES: dict[str, Callable] = {
@@ -285,17 +368,35 @@ RULES: dict[str, Callable] = {
     "last|rows16-max": lambda m: torch.maximum(rule(1, "sum")(m), rule(16, "max")(m)),
     # two signals taking turns
     "last+rows16": interleave(rule(16, "sum"), rule(1, "sum")),
+    "contrast16": contrast(16),
 }
+
+
+def rule_scores(name: str, base: Callable[[str], torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Scores ``[n]`` of a rule name: one rule (`base` scores it), ``A|B|...`` (each chunk its
+    largest score under any) or ``A+B+...`` (the budget shared by turns, `turns`) over
+    the candidate chunks ``[lo, hi)``; a name in `RULES` is that rule even if it holds + or |."""
+    if name in RULES or not re.search(r"[+|]", name):
+        return base(name)
+    if "+" in name:
+        parts = [rule_scores(p, base, lo, hi) for p in name.split("+")]
+        out = torch.zeros_like(parts[0])
+        out[lo:hi] = turns([v[lo:hi] for v in parts])
+        return out
+    return torch.stack([base(p) for p in name.split("|")]).amax(0)
 
 
 def served_options(name: str, cfg) -> dict[str, int]:
     """The served rule's fields from its name: ``served``, ``served-spill16``, ``served-from3``,
-    ``served-spill16-from3``; a field the name does not give is the preset's."""
-    opts = {"spill": cfg.attention_spill, "from": cfg.attention_first_layer}
+    ``served-skip128``, ``served-spill16-from3``, ...; a field the name does not give is the
+    preset's. ``skipN``: the chunks of the first N prompt tokens after the sink score 0 (they draw
+    the question's attention by position)."""
+    opts = {"spill": cfg.attention_spill, "from": cfg.attention_first_layer, "skip": 0}
     for part in name.split("-")[1:]:
         key = next((k for k in opts if part.startswith(k) and part[len(k):].isdigit()), None)
         if key is None:
-            raise ValueError(f"rule {name!r}: expected served, served-spillN, served-fromN or served-spillN-fromM")
+            raise ValueError(f"rule {name!r}: expected served, served-spillN, served-fromN, served-skipN "
+                             "or several joined (served-spillN-fromM)")
         opts[key] = int(part[len(key):])
     return opts
 
@@ -341,7 +442,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"],
                     help="served (the server's code path, the preset's fields), served-spillN (with "
                          "attention_spill N), served-fromN (attention_first_layer N), served-spillN-fromM, "
-                         "oracle, or: " + " ".join(RULES))
+                         "quest (the `quest` policy's window 0), oracle, rules joined by | (each chunk its "
+                         "largest score) or + (the budget shared by turns), or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[],
                     help="also decode each rule with re-selection on evidence after every step: exact, quest, "
@@ -350,19 +452,27 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                          "answer's first G tokens); reported as rule+quest, rule+quest14@16, rule+quest^3@16, ...")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")
+    ap.add_argument("--mean-fill", action="store_true",
+                    help="also decode each rule with every dropped candidate chunk read as one mean key and "
+                         "value (logit + ln chunk size; reported as rule+mean): what the dropped mass adds")
+    ap.add_argument("--fidelity", action="store_true",
+                    help="also report, per rule without re-selection, how closely it follows the dense answer "
+                         "teacher-forced (`fidelity`: tokens kept as the greedy choice, mean KL): a measure that "
+                         "separates rules on few prompts, where scores of 0 or 1 flip on one chunk")
     ap.add_argument("--cache", default="/tmp/lsa-window0-cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
     cfg = read_preset(args.preset)[0]
     for name in args.rules:  # a misspelt rule fails now, not after the first prefill
-        if name.startswith("served"):
-            try:
-                served_options(name, cfg)
-            except ValueError as e:
-                ap.error(str(e))
-        elif name not in RULES and name != "oracle":
-            ap.error(f"unknown rule {name!r}; known: served, oracle, " + ", ".join(RULES))
+        for part in ([name] if name in RULES else re.split(r"[+|]", name)):
+            if part.startswith("served"):
+                try:
+                    served_options(part, cfg)
+                except ValueError as e:
+                    ap.error(str(e))
+            elif part not in RULES and part not in ("oracle", "quest"):
+                ap.error(f"unknown rule {part!r}; known: served, quest, oracle, " + ", ".join(RULES))
     if args.budget is not None:
         cfg = cfg.replace(page_budget=args.budget)
     variants = [(cs, equal_bytes(cfg, cs), "" if cs == cfg.chunk_size else f"@{cs}")
@@ -398,6 +508,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         dense, steps = decode(model, tap, state, None, s.max_new_tokens, eos)
         rec = {"task": s.task, "seed": s.seed, "n_tokens": len(ids), "answers": s.answers, "needle_chunks": {},
                "prefill_s": round(t_pre, 1), "rules": {}}
+        dense_lp = answer_logprobs(model, state, None, dense) if args.fidelity else None
         text = tok.decode(dense, skip_special_tokens=True)
         rec["rules"]["dense"] = {"prediction": text, "score": string_match_all(text, s.answers)}
         for cs, params, suffix in variants:
@@ -406,16 +517,25 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             lo, hi = int(cand[0]), int(cand[-1]) + 1
             masses = pool(tokens, cs, lo, hi)
             needles = rec["needle_chunks"][cs] = needle_chunks(tok, s.prompt_text, s.answers, cs)
-            for name in args.rules:
+            def base(name: str) -> torch.Tensor:
                 scores = torch.zeros(n, dtype=torch.float64)
                 if name.startswith("served"):  # the product's own code path, as the server runs it
                     opts = served_options(name, cfg)
                     qs, ks = state["q"][opts["from"]:], state["k"][opts["from"]:]
                     scores = attention_scores([q[-cfg.attention_rows :] for q in qs], ks,
-                                              [q.shape[-1] ** -0.5 for q in qs], n, cs, (lo, hi), spill=opts["spill"])
-                else:
-                    scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
-                                     else RULES[name](masses)).double()
+                                              [q.shape[-1] ** -0.5 for q in qs], n, cs, (lo, hi),
+                                              spill=opts["spill"]).double()
+                    scores[lo : lo + -(-opts["skip"] // cs)] = 0
+                    return scores
+                if name == "quest":  # the served `quest` policy's window 0
+                    return quest_window0([q[-1] for q in state["q"]], state["k"],
+                                         [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi)).double()
+                scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
+                                 else RULES[name](masses)).double()
+                return scores
+
+            for name in args.rules:
+                scores = rule_scores(name, base, lo, hi)
                 sel = select_chunks(n, params, scores=scores)
                 res = set(sel.resident.tolist())
 
@@ -426,10 +546,16 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 label = name + suffix
                 runs = [] if args.reselect_only and args.reselect else [(label, None)]
                 runs += [(f"{label}+{sig}", sig) for sig in args.reselect]
+                runs += [(f"{label}+mean", "mean")] if args.mean_fill else []
                 for run_label, sig in runs:
                     swaps = None
                     if sig is None:
                         out, _ = decode(model, None, state, keep, s.max_new_tokens, eos)
+                        if args.fidelity:
+                            rec["rules"][run_label] = fidelity(dense_lp, answer_logprobs(model, state, keep, dense), dense)
+                    elif sig == "mean":
+                        fill = mean_fill(state, [c for c in range(lo, hi) if c not in res], cs)
+                        out, _ = decode(model, None, state, keep, s.max_new_tokens, eos, fill, math.log(cs))
                     else:
                         forced = res - set(sel.picked.tolist())
                         out, swaps = decode_reselect(
@@ -437,24 +563,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                             sig, cs, lo, hi, s.max_new_tokens, eos, ids)
                     text = tok.decode(out, skip_special_tokens=True)
                     recall = sum(bool(c) and all(x in res for x in c) for c in needles) / max(1, len(needles))
-                    rec["rules"][run_label] = {"prediction": text, "score": string_match_all(text, s.answers),
-                                               "needle_recall": recall, "picked": sel.picked.tolist(),
-                                               "kv_ratio": len(keep) / len(ids)}
+                    rec["rules"][run_label] = {**rec["rules"].get(run_label, {}), "prediction": text,
+                                               "score": string_match_all(text, s.answers), "needle_recall": recall,
+                                               "picked": sel.picked.tolist(), "kv_ratio": len(keep) / len(ids)}
                     if swaps is not None:
                         rec["rules"][run_label]["reselection"] = swap_report(swaps, res, needles)
         records.append(rec)
         print(json.dumps({"task": s.task, "seed": s.seed, "prefill_s": rec["prefill_s"],
                           **{k: (v["score"], v.get("needle_recall"),
-                                 len(v["reselection"]["needles_ever_resident"]) if "reselection" in v else None)
-                             for k, v in rec["rules"].items()}}), flush=True)
+                                 len(v["reselection"]["needles_ever_resident"]) if "reselection" in v else None,
+                                 v.get("agree")) for k, v in rec["rules"].items()}}), flush=True)
     table: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    close: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for r in records:
         for name, v in r["rules"].items():
             table[name][r["task"]].append(100 * v["score"])
+            if "agree" in v:
+                close[name].append((v["agree"], v["kl"]))
     summary = {name: {"tasks": {t: sum(v) / len(v) for t, v in per.items()},
                       "mean": sum(sum(v) / len(v) for v in per.values()) / len(per)} for name, per in table.items()}
+    for name, pairs in close.items():  # over prompts, not tasks
+        summary[name]["agree"] = sum(a for a, _ in pairs) / len(pairs)
+        summary[name]["kl"] = sum(k for _, k in pairs) / len(pairs)
     for name, v in summary.items():
-        print(f"{name:>12} {v['mean']:6.1f}  " + "  ".join(f"{t}={x:.0f}" for t, x in v["tasks"].items()))
+        extra = f"  agree={v['agree']:.3f} kl={v['kl']:.4f}" if "agree" in v else ""
+        print(f"{name:>12} {v['mean']:6.1f}  " + "  ".join(f"{t}={x:.0f}" for t, x in v["tasks"].items()) + extra)
     if args.json:
         Path(args.json).write_text(json.dumps({"kind": "window0", "args": vars(args), "summary": summary,
                                                "records": records}, indent=1))

@@ -331,15 +331,68 @@ def test_window0_served_rule_names_its_fields():
     from lsa_sglang.config import LSAConfig
 
     cfg = LSAConfig(attention_spill=8, attention_first_layer=1)
-    assert served_options("served", cfg) == {"spill": 8, "from": 1}
-    assert served_options("served-from3", cfg) == {"spill": 8, "from": 3}
-    assert served_options("served-spill16-from0", cfg) == {"spill": 16, "from": 0}
+    assert served_options("served", cfg) == {"spill": 8, "from": 1, "skip": 0}
+    assert served_options("served-from3", cfg) == {"spill": 8, "from": 3, "skip": 0}
+    assert served_options("served-spill16-from0", cfg) == {"spill": 16, "from": 0, "skip": 0}
+    assert served_options("served-skip128", cfg) == {"spill": 8, "from": 1, "skip": 128}
     with pytest.raises(ValueError, match="served-fromN"):
         served_options("served-frm3", cfg)
     for rule in ("served-frm3", "oracel"):
         with pytest.raises(SystemExit) as e:
             main(["--rules", rule, "--model", "/nonexistent"])
         assert e.value.code == 2
+
+
+def test_window0_joined_rules_take_turns_or_the_larger_score():
+    """`lsa-bench window0 --rules a+b`: the budget goes by turns (each rule's best, then each one's
+    second, ...); `a|b`: each chunk its larger score; both only over the candidates; a misspelt
+    part stops the command before any model is loaded."""
+    import torch
+
+    from lsa_sglang.bench.window0 import main, rule_scores
+
+    lo, hi = 1, 6
+    a = torch.tensor([9.0, 0.9, 0.8, 0.7, 0.1, 0.0, 9.0], dtype=torch.float64)
+    b = torch.tensor([9.0, 0.0, 0.1, 0.2, 0.3, 0.9, 9.0], dtype=torch.float64)
+    for v in (a, b):
+        v[:lo] = v[hi:] = 0  # a rule scores candidates only
+    base = {"a": a, "b": b}.__getitem__
+    both = rule_scores("a+b", base, lo, hi)
+    top = torch.argsort(both, descending=True)[:4].tolist()
+    assert top[:2] == [1, 5] and sorted(top[2:]) == [2, 4]  # a's best, b's best, then both seconds
+    assert both[:lo].eq(0).all() and both[hi:].eq(0).all()
+    assert rule_scores("a|b", base, lo, hi).tolist() == torch.maximum(a, b).tolist()
+    with pytest.raises(SystemExit) as e:
+        main(["--rules", "served+qeust", "--model", "/nonexistent"])
+    assert e.value.code == 2
+
+
+def test_window0_mean_fill_of_uniform_chunks_decodes_as_dense():
+    """`lsa-bench window0 --mean-fill`: a dropped chunk whose tokens share one key and value, read
+    as its mean with the logit raised by ln(chunk size), weighs exactly what its tokens do, so the
+    decode equals the dense one (a tiny random Qwen2: the invariant, not a model's answers)."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from lsa_sglang.bench.window0 import decode, mean_fill
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, attn_implementation="sdpa")).eval()
+    cs, n, dropped = 4, 4, [1, 2]
+    state = {"first": 5, "k": [], "v": []}
+    for _ in range(2):
+        k, v = torch.randn(n * cs, 2, 8) * 3, torch.randn(n * cs, 2, 8)
+        for c in dropped:  # one key and one value for every token of a dropped chunk
+            k[c * cs : (c + 1) * cs], v[c * cs : (c + 1) * cs] = k[c * cs], v[c * cs]
+        state["k"].append(k)
+        state["v"].append(v)
+    keep = torch.tensor([p for p in range(n * cs) if p // cs not in dropped])
+    dense, _ = decode(model, None, state, None, 8, set())
+    filled, _ = decode(model, None, state, keep, 8, set(), mean_fill(state, dropped, cs), math.log(cs))
+    pruned, _ = decode(model, None, state, keep, 8, set())
+    assert filled == dense and pruned != dense
 
 
 def test_window0_swap_report_follows_the_needles_through_the_swaps():
