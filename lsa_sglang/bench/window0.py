@@ -326,8 +326,6 @@ def contrast(rows: int, first_layer: int = 3) -> Callable:
     so chunks every row attends by position cancel), kept above 0, max over layers."""
     def score(m: torch.Tensor) -> torch.Tensor:
         m = m[first_layer:]
-        if m.shape[1] <= 64:
-            raise CliError("contrast rules need --rows above 64")
         return (_share(m[:, -rows:].sum(1)) - _share(m[:, :-64].sum(1))).clamp_min(0).amax(0)
     return score
 
@@ -441,7 +439,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                          "rule[pages/recent]")
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"],
                     help="served (the server's code path, the preset's fields), served-spillN (with "
-                         "attention_spill N), served-fromN (attention_first_layer N), served-spillN-fromM, "
+                         "attention_spill N), served-fromN (attention_first_layer N), served-skipN (no pick "
+                         "among the first N tokens after the sink), served-spillN-fromM, "
                          "quest (the `quest` policy's window 0), oracle, rules joined by | (each chunk its "
                          "largest score) or + (the budget shared by turns), or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
@@ -473,6 +472,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                     ap.error(str(e))
             elif part not in RULES and part not in ("oracle", "quest"):
                 ap.error(f"unknown rule {part!r}; known: served, quest, oracle, " + ", ".join(RULES))
+            elif part.startswith("contrast") and args.rows <= 64:
+                ap.error(f"rule {part!r} compares the last rows with those before the last 64: needs --rows above 64")
     if args.budget is not None:
         cfg = cfg.replace(page_budget=args.budget)
     variants = [(cs, equal_bytes(cfg, cs), "" if cs == cfg.chunk_size else f"@{cs}")

@@ -362,9 +362,10 @@ def test_window0_joined_rules_take_turns_or_the_larger_score():
     assert top[:2] == [1, 5] and sorted(top[2:]) == [2, 4]  # a's best, b's best, then both seconds
     assert both[:lo].eq(0).all() and both[hi:].eq(0).all()
     assert rule_scores("a|b", base, lo, hi).tolist() == torch.maximum(a, b).tolist()
-    with pytest.raises(SystemExit) as e:
-        main(["--rules", "served+qeust", "--model", "/nonexistent"])
-    assert e.value.code == 2
+    for bad in (["--rules", "served+qeust"], ["--rules", "served|contrast16"]):  # contrast needs --rows > 64
+        with pytest.raises(SystemExit) as e:
+            main([*bad, "--model", "/nonexistent"])
+        assert e.value.code == 2
 
 
 def test_window0_mean_fill_of_uniform_chunks_decodes_as_dense():
