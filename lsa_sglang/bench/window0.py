@@ -169,10 +169,10 @@ def mean_fill(state, dropped: list[int], cs: int) -> list[tuple[torch.Tensor, to
     """Per layer one key and one value per dropped chunk, the means of its tokens' (post-RoPE)
     keys and values: read with the logit raised by ln(cs), a chunk of like keys weighs as much
     as its tokens would, so the softmax keeps roughly the dense prompt's normaliser."""
+    n = len(dropped)
+    idx = (torch.tensor(dropped)[:, None] * cs + torch.arange(cs)).reshape(-1)
     out = []
     for k, v in zip(state["k"], state["v"]):
-        n = len(dropped)
-        idx = (torch.tensor(dropped)[:, None] * cs + torch.arange(cs)).reshape(-1)
         out.append((k.index_select(0, idx).view(n, cs, *k.shape[1:]).mean(1),
                     v.index_select(0, idx).view(n, cs, *v.shape[1:]).mean(1)))
     return out
@@ -194,7 +194,6 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     server's `reselect` does (`quest_shares` over every layer's bfloat16 key bounds, then
     `evidence_swap`, one chunk per step; `exact`: the step's true attention instead of the bounds).
     Returns the tokens and the swaps as ``(answer tokens so far, incoming, outgoing)`` chunks."""
-    from transformers import DynamicCache
 
     def bound(f):
         return torch.stack([f(k[: hi * cs].view(hi, cs, *k.shape[1:]), 1) for k in state["k"]], 1)[lo:]
@@ -210,15 +209,9 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
         allowed = torch.zeros(hi - lo, dtype=torch.bool)
         allowed[torch.argsort(held, descending=True, stable=True)[: int(signal[5:])]] = True
 
-    def build(gen):
+    def build(gen):  # the picked chunks' cache, then the answer's own keys and values so far
         keep = keep_of(picked)
-        cache = DynamicCache()
-        for l, (k, v) in enumerate(zip(state["k"], state["v"])):
-            k, v = k.index_select(0, keep), v.index_select(0, keep)
-            if gen:
-                k, v = torch.cat([k, gen[l][0]]), torch.cat([v, gen[l][1]])
-            cache.update(k.transpose(0, 1)[None].contiguous(), v.transpose(0, 1)[None].contiguous(), l)
-        return cache, keep.numel()
+        return _cache(state, keep, gen), keep.numel()
 
     cache, n_keep = build(None)
     pos, tok = state["k"][0].shape[0], state["first"]
@@ -519,7 +512,6 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             masses = pool(tokens, cs, lo, hi)
             needles = rec["needle_chunks"][cs] = needle_chunks(tok, s.prompt_text, s.answers, cs)
             def base(name: str) -> torch.Tensor:
-                scores = torch.zeros(n, dtype=torch.float64)
                 if name.startswith("served"):  # the product's own code path, as the server runs it
                     opts = served_options(name, cfg)
                     qs, ks = state["q"][opts["from"]:], state["k"][opts["from"]:]
@@ -531,6 +523,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                 if name == "quest":  # the served `quest` policy's window 0
                     return quest_window0([q[-1] for q in state["q"]], state["k"],
                                          [q.shape[-1] ** -0.5 for q in state["q"]], n, cs, (lo, hi)).double()
+                scores = torch.zeros(n, dtype=torch.float64)
                 scores[lo:hi] = (oracle_scores(state, steps, cs, lo, hi) if name == "oracle"
                                  else RULES[name](masses)).double()
                 return scores
