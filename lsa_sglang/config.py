@@ -131,6 +131,7 @@ class LSAConfig:
     chunks_per_page: int = 1
     page_budget: int = 16
     min_pages: int = 0
+    budget_fraction: float | None = None  # the budget also grows to this share of a request's prompt (None: fixed)
     host_pool_gb: float = 4.0
     indexer_checkpoint: str | None = None
     policy: str = "attention"
@@ -191,6 +192,10 @@ class LSAConfig:
             ):
                 raise bad("target_layers", f"null or a non-empty list of distinct layer indices in [0, {MAX_COUNT}]")
         need_int("recent_tokens", 0)
+        if self.budget_fraction is not None and (
+            not _is_finite(self.budget_fraction) or not 0.0 < self.budget_fraction <= 1.0
+        ):
+            raise bad("budget_fraction", "null or a number in (0, 1]")
         if not _is_finite(self.host_pool_gb) or not 0 < self.host_pool_gb <= MAX_HOST_POOL_GB:
             raise bad("host_pool_gb", f"a number of GiB in (0, {MAX_HOST_POOL_GB:.0f}]")
         ckpt = self.indexer_checkpoint
@@ -222,6 +227,16 @@ class LSAConfig:
             return None
         return (f"'attention_first_layer': expected a layer index in [0, {num_layers - 1}] "
                 f"for this model ({num_layers} layers), got {self.attention_first_layer}")
+
+    def for_prompt(self, prompt_tokens: int) -> "LSAConfig":
+        """What a request with a prompt of `prompt_tokens` tokens runs under: with
+        `budget_fraction`, `page_budget` raised to that share of the prompt in whole pages
+        (never lowered), so the device keeps the same share of a long prompt's KV as of a
+        short one's."""
+        if self.budget_fraction is None:
+            return self
+        pages = int(self.budget_fraction * prompt_tokens) // (self.chunk_size * self.chunks_per_page)
+        return self if pages <= self.page_budget else self.replace(page_budget=min(pages, MAX_COUNT))
 
     # -- derived ------------------------------------------------------------------------
     @property

@@ -403,11 +403,12 @@ def oracle_scores(state, steps, cs: int, lo: int, hi: int) -> torch.Tensor:
     return best
 
 
-def equal_bytes(cfg, cs: int) -> SelectionParams:
+def equal_bytes(cfg, cs: int, exact: bool = True) -> SelectionParams:
     """The preset's selection at chunk size `cs` with the same device tokens: sink, budget and
-    tail kept in tokens (one chunk per page)."""
+    tail kept in tokens (one chunk per page). Not `exact`: a budget `cs` does not divide (one
+    grown by `budget_fraction`) rounds down."""
     per = cfg.chunk_size * cfg.chunks_per_page
-    if (cfg.page_budget * per) % cs or (cfg.sink_chunks * cfg.chunk_size) % cs:
+    if (exact and (cfg.page_budget * per) % cs) or (cfg.sink_chunks * cfg.chunk_size) % cs:
         raise CliError(f"chunk size {cs} does not divide the preset's budget or sink")
     return SelectionParams.from_config(cfg.replace(
         chunk_size=cs, chunks_per_page=1, page_budget=cfg.page_budget * per // cs,
@@ -468,16 +469,23 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             elif part.startswith("contrast") and args.rows <= 64:
                 ap.error(f"rule {part!r} compares the last rows with those before the last 64: needs --rows above 64")
     if args.budget is not None:
-        cfg = cfg.replace(page_budget=args.budget)
-    variants = [(cs, equal_bytes(cfg, cs), "" if cs == cfg.chunk_size else f"@{cs}")
-                for cs in args.chunks or [cfg.chunk_size]]
-    if args.shapes:
+        cfg = cfg.replace(page_budget=args.budget, budget_fraction=None)
+
+    def variants_of(prompt_cfg, exact=True):
+        """(chunk size, selection, label suffix) of each judged shape; `prompt_cfg`: the preset
+        with the budget one prompt gets (`budget_fraction`); a --shapes budget is taken as given."""
+        if not args.shapes:
+            return [(cs, equal_bytes(prompt_cfg, cs, exact), "" if cs == cfg.chunk_size else f"@{cs}")
+                    for cs in args.chunks or [cfg.chunk_size]]
         variants = []
         for shape in args.shapes:
             pages, recent = (int(x) for x in shape.split("/"))
             mine = pages == cfg.page_budget and recent == cfg.recent_tokens
             variants.append((cfg.chunk_size, SelectionParams.from_config(
                 cfg.replace(page_budget=pages, recent_tokens=recent)), "" if mine else f"[{shape}]"))
+        return variants
+
+    variants_of(cfg)  # a chunk size that does not divide the budget fails before the model loads
     path = str(model_path_or_fetch(args.model))
     tok, model = load(path)
     tap = QueryTap(model, args.rows)
@@ -505,7 +513,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         dense_lp = answer_logprobs(model, state, None, dense) if args.fidelity else None
         text = tok.decode(dense, skip_special_tokens=True)
         rec["rules"]["dense"] = {"prediction": text, "score": string_match_all(text, s.answers)}
-        for cs, params, suffix in variants:
+        for cs, params, suffix in variants_of(cfg.for_prompt(len(ids)), exact=False):  # the budget served
             n = len(ids) // cs
             cand = candidate_chunks(n, params)
             lo, hi = int(cand[0]), int(cand[-1]) + 1

@@ -124,8 +124,10 @@ class LSAMemoryManager:
         error = config.first_layer_error(self.cells.num_layers)
         if error:
             return "lsa request override " + error
-        self.requests[req.rid] = RequestEntry(weakref.ref(req), config)
         prompt = len(req.origin_input_ids)
+        if "page_budget" not in overrides or "budget_fraction" in overrides:  # a budget asked for is kept
+            config = config.for_prompt(prompt)
+        self.requests[req.rid] = RequestEntry(weakref.ref(req), config)
         need = self.host_chunks_needed(prompt)
         if config.enabled and need > self.host.capacity:
             cap = self.host.capacity
@@ -170,6 +172,7 @@ class LSAMemoryManager:
         prompt = seq_len - 1
         table = ChunkTable(rid, idx, config, prompt, stats=RequestStats(rid, prompt_tokens=prompt))
         table.stats.policy, table.stats.lsa_enabled = config.policy, config.enabled
+        table.stats.budget_tokens = config.page_budget * config.chunks_per_page * self.cs if config.enabled else 0
         self.tables[idx] = table
         self.server.requests_served += 1
         req = self._req(idx, rid)

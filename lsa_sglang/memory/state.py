@@ -41,6 +41,7 @@ class RequestStats:
     full_kv_bytes: int = 0
     host_kv_bytes: int = 0
     selection_metadata_bytes: int = 0  # part of device_kv_bytes
+    budget_tokens: int = 0  # device tokens of the chunks the selection picks (page_budget; budget_fraction)
     resident_ratio: float = 1.0
     windows: int = 0
     chunks_copied: int = 0

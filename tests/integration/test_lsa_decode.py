@@ -345,6 +345,26 @@ def test_attention_first_layer_picks_window0_from_later_layers_only(lsa_server):
     assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
 
 
+def test_budget_fraction_grows_the_budget_with_the_prompt(lsa_server):
+    """`budget_fraction` per request: a 3000-token prompt at 0.25 gets floor(750 / 64) = 11 pages
+    where the test preset gives 6, and holds exactly 5 chunks more on the device (recency picks
+    fill the budget; 4 tokens, no window boundary); a 1500-token prompt at 0.25 (5 pages) keeps
+    the preset's 6 as its floor; a request naming `page_budget` alone gets that budget."""
+    chunk = stats(lsa_server)["server"]["chunk_bytes"]
+    long, short = haystack_ids(lsa_server, 3000, seed=13), haystack_ids(lsa_server, 1500, seed=13)
+    got = {}
+    for name, ids, lsa in (("preset", long, {}), ("fraction", long, {"budget_fraction": 0.25}),
+                           ("short", short, {"budget_fraction": 0.25}), ("pages", long, {"page_budget": 4}),
+                           ("pages and fraction", long, {"page_budget": 4, "budget_fraction": 0.25})):
+        out = greedy(lsa_server, ids, n=4, lsa={"policy": "recency", **lsa}, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        got[name] = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    budgets = {name: r["budget_tokens"] for name, r in got.items()}
+    assert budgets == {"preset": 384, "fraction": 704, "short": 384, "pages": 256, "pages and fraction": 704}, budgets
+    assert got["fraction"]["peak_device_kv_bytes"] - got["preset"]["peak_device_kv_bytes"] == 5 * chunk
+    assert got["preset"]["peak_device_kv_bytes"] - got["pages"]["peak_device_kv_bytes"] == 2 * chunk
+
+
 def test_host_mirror_admission_queues(lsa_server, baseline):
     """Three 3K-token prompts need 141 host chunks; the test pool holds 127: one waits in the
     queue until a mirror frees, and every answer equals the one served alone."""

@@ -18,6 +18,7 @@ BAD_VALUES = {
     "chunks_per_page": [0, -2, 1.5, 2**31],
     "page_budget": [0, -1, 2.5, None, 10**30],
     "min_pages": [-1, 0.5],
+    "budget_fraction": [0, -0.1, 1.5, "0.1", True, float("nan"), float("inf")],
     "host_pool_gb": [0, -1, "4", None, True, float("inf"), float("nan"), 2e6],
     "indexer_checkpoint": [3, ["a"], "", "a\0b"],
     "policy": ["oracle", "", None],
@@ -133,6 +134,21 @@ def test_budget_in_tokens_errors(data, text):
     with pytest.raises(LSAConfigError) as e:
         LSAConfig.from_dict(data)
     assert text in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prompt,budget", [
+    (0, 576), (8192, 576), (8300, 576),  # 0.07 x 8300 = 581 tokens: 18 pages of 32 still
+    (8685, 576), (8686, 608),  # 0.07 x 8686 = 608.02: the first prompt with a 19th page
+    (16384, 1120), (131072, 9152),
+])
+def test_budget_fraction_grows_the_budget_with_the_prompt_in_whole_pages(prompt, budget):
+    cfg = LSAConfig.from_dict({"chunk_size": 32, "budget_tokens": 576, "budget_fraction": 0.07})
+    got = cfg.for_prompt(prompt)
+    assert got.page_budget * got.chunk_size == budget
+    assert got.replace(page_budget=cfg.page_budget) == cfg  # nothing else changes
+    assert LSAConfig(page_budget=5).for_prompt(10**6) == LSAConfig(page_budget=5)  # fixed without a fraction
+    # pages of 2 chunks: whole pages of 128 tokens
+    assert LSAConfig(chunk_size=64, chunks_per_page=2, page_budget=1, budget_fraction=0.5).for_prompt(1000).page_budget == 3
 
 
 @pytest.mark.parametrize("fields, reads", [

@@ -116,6 +116,7 @@ RULES = {
     "chunks_per_page": lambda v: _int(v) and 1 <= v <= MAX_COUNT,
     "page_budget": lambda v: _int(v) and 1 <= v <= MAX_COUNT,
     "min_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
+    "budget_fraction": lambda v: v is None or (_finite(v) and 0 < v <= 1),
     "host_pool_gb": lambda v: _finite(v) and 0 < v <= 2**20,
     "indexer_checkpoint": lambda v: v is None or (isinstance(v, str) and v != "" and "\0" not in v),
     "policy": lambda v: _in(v, POLICIES),
