@@ -318,6 +318,10 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
         if not _has_flag(argv, "--max-total-tokens"):
             # Without it SGLang sizes the KV cache from host RAM.
             argv += ["--max-total-tokens", str(DEFAULT_CPU_MAX_TOTAL_TOKENS)]
+        if not _has_flag(argv, "--sleep-on-idle"):
+            # An idle scheduler otherwise polls at 100% of a core, which the model's own
+            # threads (or a second server on the host) need.
+            argv.append("--sleep-on-idle")
     return argv, config
 
 

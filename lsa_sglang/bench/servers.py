@@ -207,6 +207,8 @@ def stock_server(model_path: str, flags: list[str], log: Path, attention_backend
         env["SGLANG_USE_CPU_ENGINE"] = "1"
         if flag_value(flags, "--device") is None:
             cmd += ["--device", "cpu"]
+        if "--sleep-on-idle" not in flags:  # as the LSA launcher does on CPU: idle, it leaves the cores free
+            cmd.append("--sleep-on-idle")
     return ManagedServer("stock", cmd + flags, log, env)
 
 

@@ -76,8 +76,10 @@ def model_path() -> str:
     return str(fetch_model(default_model_name()))
 
 
+# --sleep-on-idle: an idle SGLang scheduler otherwise polls at 100% of a core, and the session's
+# servers stay up beside the ones single tests start (the LSA launcher adds it on CPU by itself).
 COMMON_FLAGS = ["--dtype", "float32", "--context-length", "8192", "--max-total-tokens", "32768",
-                "--max-running-requests", "8", "--device", "cpu"]
+                "--max-running-requests", "8", "--device", "cpu", "--sleep-on-idle"]
 
 
 @pytest.fixture(scope="session")

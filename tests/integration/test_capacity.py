@@ -28,7 +28,7 @@ PROMPT = 3000
 NEW = 24
 N = 8
 FLAGS = ["--dtype", "float32", "--context-length", "8192", "--max-total-tokens", str(POOL),
-         "--max-running-requests", str(N), "--device", "cpu", "--decode-log-interval", "1"]
+         "--max-running-requests", str(N), "--device", "cpu", "--decode-log-interval", "1", "--sleep-on-idle"]
 
 
 def running_max(log_text: str) -> int:

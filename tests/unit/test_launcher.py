@@ -1,6 +1,7 @@
 """The launcher turns our command line into SGLang's and refuses bad configs at start."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -33,6 +34,21 @@ def test_fills_lsa_flags_and_preset_defaults(tmp_path):
     assert ls.flag_value(argv, "--radix-eviction-policy") == "priority"
     argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg), "--radix-eviction-policy", "lru"])
     assert ls.flag_value(argv, "--radix-eviction-policy") == "lru"
+
+
+def test_cpu_route_defaults(tmp_path, monkeypatch):
+    """Without CUDA: SGLang's CPU engine, a bounded pool, and a scheduler that sleeps when idle
+    (it would poll at 100% of a core); each default yields to a flag given."""
+    monkeypatch.setattr(ls, "cuda_available", lambda: False)
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    m = _model_dir(tmp_path)
+    argv, _ = ls.prepare_argv(["--model-path", m])
+    assert ls.flag_value(argv, "--device") == "cpu"
+    assert ls.flag_value(argv, "--max-total-tokens") == str(ls.DEFAULT_CPU_MAX_TOTAL_TOKENS)
+    assert argv.count("--sleep-on-idle") == 1
+    assert os.environ["SGLANG_USE_CPU_ENGINE"] == "1"
+    argv, _ = ls.prepare_argv(["--model-path", m, "--sleep-on-idle", "--max-total-tokens", "4096"])
+    assert argv.count("--sleep-on-idle") == 1 and ls.flag_value(argv, "--max-total-tokens") == "4096"
 
 
 def test_page_size_must_match_chunk_size(tmp_path):
