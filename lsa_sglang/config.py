@@ -109,6 +109,15 @@ def budget_from_tokens(data: dict[str, Any], tokens_per_page: int, where: str) -
     return data
 
 
+def with_heads_tuples(data: dict[str, Any]) -> dict[str, Any]:
+    """`attention_heads` as YAML or JSON gives it (a list of [layer, head] lists) in the tuples
+    the config holds; any other value is left for the config's check to refuse."""
+    heads = data.get("attention_heads")
+    if isinstance(heads, list):
+        data = {**data, "attention_heads": tuple(tuple(h) if isinstance(h, list) else h for h in heads)}
+    return data
+
+
 @dataclass(frozen=True)
 class LSAConfig:
     """Lookahead Sparse Attention settings (names follow the paper).
@@ -139,6 +148,7 @@ class LSAConfig:
     attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     attention_spill: int = 0  # `attention` policy: a chunk also counts the mass of the previous chunk's last tokens
     attention_first_layer: int = 0  # `attention` policy: window 0 reads the attention of this layer and the later ones
+    attention_heads: tuple[tuple[int, int], ...] | None = None  # `attention` policy: window 0 from these (layer, head) only
     attention_later: str = "indexer"  # `attention` policy after window 0: the indexer, or carry window 0's ranking
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
@@ -205,6 +215,16 @@ class LSAConfig:
         need_bool("attention_per_head")
         need_int("attention_spill", 0, self.chunk_size)
         need_int("attention_first_layer", 0)
+        heads = self.attention_heads
+        if heads is not None and (
+            not isinstance(heads, tuple) or not heads
+            or not all(isinstance(h, tuple) and len(h) == 2 and all(_is_int(x) and 0 <= x <= MAX_COUNT for x in h)
+                       for h in heads)
+            or len(set(heads)) != len(heads)
+        ):
+            given = [list(h) if isinstance(h, tuple) else h for h in heads] if isinstance(heads, tuple) else heads
+            raise LSAConfigError(f"lsa config field 'attention_heads': expected null or a non-empty list of distinct "
+                                 f"[layer, head] pairs of indices in [0, {MAX_COUNT}], got {show(given)}")
         need_choice("attention_later", LATER_WINDOWS)
         if self.swap_limit is not None:
             need_int("swap_limit", 0)
@@ -220,13 +240,19 @@ class LSAConfig:
         need_int("seed", 0, MAX_SEED)
         need_bool("poison_released")
 
-    def first_layer_error(self, num_layers: int) -> str | None:
-        """Why `attention_first_layer` does not fit a model of `num_layers` layers (None: it does);
+    def model_error(self, num_layers: int, num_heads: int | None = None) -> str | None:
+        """Why `attention_first_layer` or `attention_heads` does not fit a model of `num_layers`
+        layers of `num_heads` query heads (None: they do; heads unchecked when `num_heads` is None);
         the caller names where the value came from."""
-        if self.attention_first_layer < num_layers:
-            return None
-        return (f"'attention_first_layer': expected a layer index in [0, {num_layers - 1}] "
-                f"for this model ({num_layers} layers), got {self.attention_first_layer}")
+        if self.attention_first_layer >= num_layers:
+            return (f"'attention_first_layer': expected a layer index in [0, {num_layers - 1}] "
+                    f"for this model ({num_layers} layers), got {self.attention_first_layer}")
+        for layer, head in self.attention_heads or ():
+            if layer >= num_layers or (num_heads is not None and head >= num_heads):
+                shape = f"{num_layers} layers" + ("" if num_heads is None else f" of {num_heads} heads")
+                return (f"'attention_heads': expected [layer, head] pairs for this model ({shape}), "
+                        f"got {[layer, head]}")
+        return None
 
     def for_prompt(self, prompt_tokens: int) -> "LSAConfig":
         """What a request with a prompt of `prompt_tokens` tokens runs under: with
@@ -290,6 +316,7 @@ class LSAConfig:
             data = budget_from_tokens(data, page.chunk_size * page.chunks_per_page, "lsa config field")
         if isinstance(data.get("target_layers"), list):
             data["target_layers"] = tuple(data["target_layers"])
+        data = with_heads_tuples(data)
         ckpt = data.get("indexer_checkpoint")
         if isinstance(ckpt, str) and ckpt and "\0" not in ckpt and base_dir is not None and not os.path.isabs(ckpt):
             # Relative checkpoint paths are relative to the YAML file, not the CWD.

@@ -142,20 +142,21 @@ def check_sglang_flags(flags: dict[str, list[str]]) -> None:
         logging.disable(previous)
 
 
-def model_num_layers(model_path: str) -> int | None:
+def model_shape(model_path: str) -> tuple[int | None, int | None]:
+    """The model's layers and query heads from its config.json (None where it does not say)."""
     cfg = Path(model_path) / "config.json"
     if not cfg.is_file():
-        return None
+        return None, None
     data = json.loads(cfg.read_text())
     data = data.get("text_config", data)
-    return data.get("num_hidden_layers")
+    return data.get("num_hidden_layers"), data.get("num_attention_heads")
 
 
 def check_against_model(config: LSAConfig, model_path: str) -> None:
-    n = model_num_layers(model_path)
+    n, heads = model_shape(model_path)
     if n is None:
         return
-    error = config.first_layer_error(n)
+    error = config.model_error(n, heads)
     if error:
         raise LSAConfigError("lsa config field " + error)
     if config.target_layers is None:

@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "lsa"
 OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_budget, threshold, enabled}
 OVERRIDABLE = ("policy", "page_budget", "budget_fraction", "threshold", "enabled", "min_pages", "needle_fallback", "attention_rows",
-               "attention_per_head", "attention_spill", "attention_first_layer", "attention_later", "swap_limit",
+               "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
+               "attention_later", "swap_limit",
                "reselect", "reselect_after", "held_decay", "reselect_edge", "edge_pages",
                "release_copied")
 _registered = False
@@ -92,7 +93,9 @@ def parse_overrides(custom_params, base=None) -> dict:
     Each value is checked on its own, then the changes together with `base` (the server's
     config; the defaults when None), so `min_pages` is held against the page budget the request
     will really get."""
-    from lsa_sglang.config import MAX_COUNT, LSAConfig, LSAConfigError, budget_from_tokens, show, show_key
+    from lsa_sglang.config import (
+        MAX_COUNT, LSAConfig, LSAConfigError, budget_from_tokens, show, show_key, with_heads_tuples,
+    )
 
     if not isinstance(custom_params, dict) or OVERRIDE_KEY not in custom_params:
         return {}
@@ -108,7 +111,7 @@ def parse_overrides(custom_params, base=None) -> dict:
             "allowed: " + ", ".join(OVERRIDABLE + ("budget_tokens",))
         )
     base = LSAConfig() if base is None else base
-    over = budget_from_tokens(over, base.chunk_size * base.chunks_per_page, "lsa request override")
+    over = with_heads_tuples(budget_from_tokens(over, base.chunk_size * base.chunks_per_page, "lsa request override"))
     # Values alone: a budget that admits every min_pages and the other way round.
     try:
         base.replace(**{"page_budget": MAX_COUNT, "min_pages": 0, **over})

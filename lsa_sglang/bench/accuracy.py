@@ -49,6 +49,7 @@ VARIANTS = {
     "attention-edge-page-b8": ("attention", {"reselect_edge": True, "edge_pages": 1, "page_budget": 8}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
     "attention-fixed-budget": ("attention", {"budget_fraction": None}),
+    "attention-layers": ("attention", {"attention_heads": None}),
 }
 
 FIRST_LAYER = re.compile(r"attention-from(\d+)")  # the `attention` policy, window 0 from layer N up

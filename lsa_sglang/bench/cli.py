@@ -7,7 +7,7 @@
     lsa-bench throughput --model-path P --context L --concurrency C,.. [--max-total-tokens N]
     lsa-bench kits --model-path P [--kits K,..] [--variants short,long]   # SGLang's kits, stock vs LSA
     lsa-bench soak --model-path P [--requests 1000] [--concurrency 12]   # mixed load + bad input
-    lsa-bench footprint | prefix | window0                # one server / offline studies (--help each)
+    lsa-bench footprint | prefix | window0 | heads        # one server / offline studies (--help each)
     lsa-bench kernels | decode-loop | planning            # kernel and decode-loop timings (torch only)
 
 `accuracy` works against any SGLang-compatible server. `compare` and `throughput` start the
@@ -736,6 +736,8 @@ COMMANDS = {
                       script="lsa_sglang.bench.prefix"),
     "window0": Command("window-0 selection rules judged by answers, offline (transformers, no server)",
                        script="lsa_sglang.bench.window0"),
+    "heads": Command("a model's retrieval heads (attention_heads), from dense answers, offline",
+                     script="lsa_sglang.bench.heads"),
     "kernels": Command("sparse decode, chunk scoring and copy kernels vs dense decode (GPU timings)",
                        script="lsa_sglang.bench.kernels"),
     "decode-loop": Command("synthetic LSA decode loop vs dense paged decode at equal device KV (GPU; --smoke on CPU)",

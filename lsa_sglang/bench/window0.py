@@ -47,8 +47,8 @@ from lsa_sglang.cli import CliError
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import (
-    attention_scores, copied_chunks, evidence_swap, layer_chunk_mass, quest_shares, quest_window0, raise_held,
-    release_copied,
+    attention_scores, copied_chunks, evidence_swap, head_scores, heads_by_layer, layer_chunk_mass, quest_shares, quest_window0,
+    raise_held, release_copied,
 )
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 
@@ -382,13 +382,16 @@ def served_options(name: str, cfg) -> dict[str, int]:
     ``served-skip128``, ``served-spill16-from3``, ...; a field the name does not give is the
     preset's. ``skipN``: the chunks of the first N prompt tokens after the sink score 0 (they draw
     the question's attention by position)."""
-    opts = {"spill": cfg.attention_spill, "from": cfg.attention_first_layer, "skip": 0}
+    opts = {"spill": cfg.attention_spill, "from": cfg.attention_first_layer, "skip": 0,
+            "heads": int(cfg.attention_heads is not None)}
     for part in name.split("-")[1:]:
         key = next((k for k in opts if part.startswith(k) and part[len(k):].isdigit()), None)
         if key is None:
-            raise ValueError(f"rule {name!r}: expected served, served-spillN, served-fromN, served-skipN "
-                             "or several joined (served-spillN-fromM)")
+            raise ValueError(f"rule {name!r}: expected served, served-spillN, served-fromN, served-skipN, "
+                             "served-heads0|1 or several joined (served-spillN-fromM)")
         opts[key] = int(part[len(key):])
+    if opts["heads"] and cfg.attention_heads is None:
+        raise ValueError(f"rule {name!r}: the preset lists no attention_heads")
     return opts
 
 
@@ -434,7 +437,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--rules", nargs="+", default=["served", *RULES, "oracle"],
                     help="served (the server's code path, the preset's fields), served-spillN (with "
                          "attention_spill N), served-fromN (attention_first_layer N), served-skipN (no pick "
-                         "among the first N tokens after the sink), served-spillN-fromM, "
+                         "among the first N tokens after the sink), served-heads0 (every layer from attention_first_layer, "
+                         "not the preset's attention_heads), served-heads1 (those heads), served-spillN-fromM, "
                          "quest (the `quest` policy's window 0), oracle, rules joined by | (each chunk its "
                          "largest score) or + (the budget shared by turns), or: " + " ".join(RULES))
     ap.add_argument("--rows", type=int, default=64)
@@ -522,10 +526,17 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             def base(name: str) -> torch.Tensor:
                 if name.startswith("served"):  # the product's own code path, as the server runs it
                     opts = served_options(name, cfg)
-                    qs, ks = state["q"][opts["from"]:], state["k"][opts["from"]:]
-                    scores = attention_scores([q[-cfg.attention_rows :] for q in qs], ks,
-                                              [q.shape[-1] ** -0.5 for q in qs], n, cs, (lo, hi),
-                                              spill=opts["spill"]).double()
+                    if opts["heads"]:  # the preset's retrieval heads alone
+                        by_layer = heads_by_layer(cfg.attention_heads)
+                        read = list(by_layer)
+                        qs = [state["q"][l][-cfg.attention_rows :] for l in read]
+                        scores = head_scores(qs, [state["k"][l] for l in read], [q.shape[-1] ** -0.5 for q in qs],
+                                             [by_layer[l] for l in read], n, cs, (lo, hi), spill=opts["spill"]).double()
+                    else:
+                        qs, ks = state["q"][opts["from"]:], state["k"][opts["from"]:]
+                        scores = attention_scores([q[-cfg.attention_rows :] for q in qs], ks,
+                                                  [q.shape[-1] ** -0.5 for q in qs], n, cs, (lo, hi),
+                                                  spill=opts["spill"]).double()
                     scores[lo : lo + -(-opts["skip"] // cs)] = 0
                     return scores
                 if name == "quest":  # the served `quest` policy's window 0

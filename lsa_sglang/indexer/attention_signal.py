@@ -85,6 +85,36 @@ def attention_scores(
     return scores
 
 
+def heads_by_layer(pairs: Iterable[Sequence[int]]) -> dict[int, list[int]]:
+    """`attention_heads` ``[layer, head]`` pairs grouped per layer, layers in order."""
+    out: dict[int, list[int]] = {}
+    for layer, head in sorted(pairs):
+        out.setdefault(layer, []).append(head)
+    return out
+
+
+def head_scores(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], scales: Sequence[float],
+                heads: Sequence[Sequence[int]], n_chunks: int, chunk_size: int, candidates: tuple[int, int],
+                spill: int = 0) -> torch.Tensor:
+    """Chunk scores ``[n_chunks]`` from a model's retrieval heads (`attention_heads`): per layer
+    the chunk mass of the listed ``heads`` (``heads[i]`` for the i-th layer of ``queries`` /
+    ``keys``, rows summed as `layer_chunk_mass` sums them), added up over every listed head of
+    every layer and renormalised over the candidate range ``[lo, hi)``: a few heads that copy
+    from the prompt decide, the many that attend by position or locally do not count. Chunks
+    outside the range score 0."""
+    lo, hi = candidates
+    scores = torch.zeros(n_chunks, dtype=torch.float32)
+    if hi <= lo:
+        return scores
+    total = None
+    for q, k, scale, listed in zip(queries, keys, scales, heads):
+        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, per_head=True, spill=spill)[list(listed), lo:hi].sum(0)
+        total = mass if total is None else total + mass
+    if total is not None:
+        scores[lo:hi] = (total / total.sum().clamp_min(torch.finfo(total.dtype).tiny)).cpu()
+    return scores
+
+
 def quest_shares(queries: Sequence[torch.Tensor], kmin: torch.Tensor, kmax: torch.Tensor,
                  scales: Sequence[float]) -> torch.Tensor:
     """What one decode step reads of chunks the device may not hold, from their key bounds: per

@@ -43,6 +43,7 @@ class LSAMemoryManager:
         self.config = config
         self.cs = config.chunk_size
         self.cells = DeviceCells(model_runner, self.cs, config.poison_released)
+        self.num_heads = getattr(model_runner.model_config, "num_attention_heads", None)  # query heads (one TP rank)
         self.page_bytes = self.cells.page_bytes
         self.host = HostMirror(
             self.cells.num_layers, self.cs, self.cells.kv_heads, self.cells.head_dim, self.cells.dtype,
@@ -118,10 +119,10 @@ class LSAMemoryManager:
 
     def new_request(self, req, overrides: dict[str, Any]) -> str | None:
         """The scheduler built a Req with these (validated) overrides. Returns why it must be
-        refused (its prompt can never fit the host mirror, or an override names a layer this
-        model lacks), or None."""
+        refused (its prompt can never fit the host mirror, or an override names a layer or head
+        this model lacks), or None."""
         config = self.config.replace(**overrides) if overrides else self.config
-        error = config.first_layer_error(self.cells.num_layers)
+        error = config.model_error(self.cells.num_layers, self.num_heads)
         if error:
             return "lsa request override " + error
         prompt = len(req.origin_input_ids)

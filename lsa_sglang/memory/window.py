@@ -32,8 +32,8 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, quest_window0, raise_held,
-    release_copied, step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, head_scores, heads_by_layer, quest_shares,
+    quest_window0, raise_held, release_copied, step_peak,
 )
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
@@ -269,7 +269,8 @@ class WindowCycle:
     def _window0_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0 from the prefill's queries over the prompt's keys, all still on the device at
         admission (`indexer.attention_signal`): `attention`, the last `attention_rows` prompt
-        tokens' attention at every layer from `attention_first_layer` on; `quest`, the last prompt
+        tokens' attention at every layer from `attention_first_layer` on (with
+        `attention_heads`, the summed attention of those heads alone); `quest`, the last prompt
         token's Quest bound of each chunk's key min and max at every layer."""
         config = table.config
         slots = self.cells.req_to_token[table.req_pool_idx, : seq_len - 1].to(torch.int64)
@@ -281,6 +282,14 @@ class WindowCycle:
         with torch.no_grad():
             if config.policy == "quest":
                 return quest_window0([queries[l][0][-1] for l in layers], keys, scales, table.mirrored, self.cs, (lo, hi))
+            if config.attention_heads is not None:  # the model's retrieval heads alone
+                by_layer = heads_by_layer(config.attention_heads)
+                read = list(by_layer)
+                return head_scores(
+                    [queries[l][0][-config.attention_rows:] for l in read],
+                    (self.cells.k_buffers[l].index_select(0, slots) for l in read), [queries[l][1] for l in read],
+                    [by_layer[l] for l in read], table.mirrored, self.cs, (lo, hi), spill=config.attention_spill,
+                )
             return attention_scores(
                 [queries[l][0][-config.attention_rows:] for l in layers], keys, scales, table.mirrored, self.cs,
                 (lo, hi), per_head=config.attention_per_head, spill=config.attention_spill,

@@ -345,6 +345,30 @@ def test_attention_first_layer_picks_window0_from_later_layers_only(lsa_server):
     assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
 
 
+def test_attention_heads_pick_window0_from_those_heads_only(lsa_server):
+    """`attention_heads`: window 0 ranks chunks by the summed attention of the listed heads alone.
+    At 2 pages one head of the last layer picks another window 0 than every layer does (the
+    answer's logprobs change), `null` is the layer rule exactly; a head the model lacks
+    (SmolLM2-135M: 30 layers of 9 heads) is refused with one message naming the field, and the
+    server goes on serving."""
+    ids = haystack_ids(lsa_server, 3000, seed=13)
+    base = {"policy": "attention", "page_budget": 2, "attention_later": "carry"}
+    got = {}
+    for name, heads in (("default", "unset"), ("null", None), ("one", [[29, 0]])):
+        lsa = base if heads == "unset" else {**base, "attention_heads": heads}
+        out = greedy(lsa_server, ids, n=12, lsa=lsa, logprobs=True)
+        got[name] = [lp for lp, _, _ in out["meta_info"]["output_token_logprobs"]]
+        assert all(math.isfinite(lp) for lp in got[name])
+    assert got["null"] == got["default"]
+    assert got["one"] != got["default"]
+    for bad, named in (([[30, 0]], "[30, 0]"), ([[3, 9]], "[3, 9]")):
+        r = requests.post(lsa_server.url + "/generate", timeout=120, json={
+            "input_ids": ids[:200], "sampling_params": {"max_new_tokens": 4, "custom_params": {
+                "lsa": {**base, "attention_heads": bad}}}})
+        assert "'attention_heads': expected [layer, head] pairs for this model (30 layers of 9 heads), got " + named in r.text, r.text
+    assert greedy(lsa_server, [1, 2, 3, 4], n=3)["meta_info"]["completion_tokens"] == 3
+
+
 def test_budget_fraction_grows_the_budget_with_the_prompt(lsa_server):
     """`budget_fraction` per request: a 3000-token prompt at 0.25 gets floor(750 / 64) = 11 pages
     where the test preset gives 6, and holds exactly 5 chunks more on the device (recency picks

@@ -10,8 +10,8 @@ import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, quest_shares, quest_window0, raise_held,
-    release_copied, step_peak,
+    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, head_scores, quest_shares, quest_window0,
+    raise_held, release_copied, step_peak,
 )
 
 
@@ -406,3 +406,31 @@ def test_request_tokens_read_like_the_joined_list():
             assert copied_chunk_end(view, n, chunks, 4) == copied_chunk_end(joined, n, chunks, 4)
     with pytest.raises(ValueError, match="no step"):
         RequestTokens(SimpleNamespace(origin_input_ids=[1, 2], output_ids=[3]))[::2]
+
+
+def test_head_scores_read_only_the_listed_heads():
+    """`attention_heads`: the listed heads' chunk masses (each head a softmax over the prompt, as
+    `layer_chunk_mass` per head) added over heads and layers, renormalised over the candidates.
+    A head left out that stares at another chunk does not move the scores, and the pick is the
+    chunk the listed head reads even where a layer's summed heads favour another."""
+    g = torch.Generator().manual_seed(5)
+    cs, n, d, heads, kv_heads = 4, 10, 8, 4, 2
+    keys = [torch.randn(n * cs, kv_heads, d, generator=g) * 0.1 for _ in range(2)]
+    queries = [torch.randn(3, heads, d, generator=g) * 0.1 for _ in range(2)]
+    keys[1][6 * cs + 1, 0] = 4.0  # head 1 of layer 1 (KV head 0) reads chunk 6
+    queries[1][:, 1] = 4.0
+    keys[1][3 * cs + 2, 1] = 4.0  # heads 2 and 3 of layer 1 (KV head 1) read chunk 3
+    queries[1][:, 2:] = 4.0
+    listed = [[0], [1]]
+    got = head_scores(queries, keys, [0.5, 0.5], listed, n, cs, (1, n - 1))
+    want = torch.zeros(n, dtype=torch.float64)
+    for q, k, hs in zip(queries, keys, listed):
+        want[1 : n - 1] += layer_chunk_mass(q, k, 0.5, n, cs, per_head=True)[hs, 1 : n - 1].sum(0).double()
+    want /= want.sum()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    assert got[0] == 0 and got[n - 1] == 0 and int(got.argmax()) == 6
+    layers = attention_scores(queries, keys, [0.5, 0.5], n, cs, (1, n - 1))
+    assert int(layers.argmax()) == 3  # the layer rule sums heads 2 and 3 of layer 1
+    moved = [k.clone() for k in keys]
+    moved[1][8 * cs, 1] = 6.0  # an unlisted head now reads chunk 8 instead
+    torch.testing.assert_close(head_scores(queries, moved, [0.5, 0.5], listed, n, cs, (1, n - 1)), got)

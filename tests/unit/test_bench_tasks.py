@@ -331,12 +331,16 @@ def test_window0_served_rule_names_its_fields():
     from lsa_sglang.config import LSAConfig
 
     cfg = LSAConfig(attention_spill=8, attention_first_layer=1)
-    assert served_options("served", cfg) == {"spill": 8, "from": 1, "skip": 0}
-    assert served_options("served-from3", cfg) == {"spill": 8, "from": 3, "skip": 0}
-    assert served_options("served-spill16-from0", cfg) == {"spill": 16, "from": 0, "skip": 0}
-    assert served_options("served-skip128", cfg) == {"spill": 8, "from": 1, "skip": 128}
+    assert served_options("served", cfg) == {"spill": 8, "from": 1, "skip": 0, "heads": 0}
+    assert served_options("served-from3", cfg) == {"spill": 8, "from": 3, "skip": 0, "heads": 0}
+    assert served_options("served-spill16-from0", cfg) == {"spill": 16, "from": 0, "skip": 0, "heads": 0}
+    assert served_options("served-skip128", cfg) == {"spill": 8, "from": 1, "skip": 128, "heads": 0}
     with pytest.raises(ValueError, match="served-fromN"):
         served_options("served-frm3", cfg)
+    with pytest.raises(ValueError, match="no attention_heads"):
+        served_options("served-heads1", cfg)
+    heads = cfg.replace(attention_heads=((2, 1),))
+    assert served_options("served", heads)["heads"] == 1 and served_options("served-heads0", heads)["heads"] == 0
     for rule in ("served-frm3", "oracel"):
         with pytest.raises(SystemExit) as e:
             main(["--rules", rule, "--model", "/nonexistent"])
@@ -409,3 +413,31 @@ def test_window0_swap_report_follows_the_needles_through_the_swaps():
     assert r["needles_ever_resident"] == [0, 1]  # 12 never came in
     assert r["log"] == [[17, 7, 2], [18, 3, 4], [20, 4, 3], [25, 9, 7]]
     assert swap_report([], {12}, needles)["needles_ever_resident"] == [2]
+
+
+def test_heads_score_the_head_that_reads_the_copied_token(smollm_tok):
+    """`lsa-bench heads`: a step whose next token is an answer token the prompt holds counts for
+    the heads whose largest logit is on that token (not on another copy of a different digit, not
+    on a non-answer token); steps that copy nothing are not counted."""
+    import torch
+
+    from lsa_sglang.bench.heads import answer_positions, copy_hits, top_heads
+
+    tok = smollm_tok.tokenizer
+    text = "The code is 4711. Other code 9000."
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    pos = answer_positions(tok, text, ["4711"])
+    assert pos and tok.decode([ids[p] for p in pos]).strip() == "4711"
+    assert answer_positions(tok, text, ["12345"]) == []
+    t, d, src = len(ids), 4, pos[0]
+    keys = [torch.zeros(t, 1, d), torch.zeros(t, 1, d)]
+    keys[1][src, 0, 0] = 1.0  # layer 1: a token only query dimension 0 finds
+    keys[1][0, 0, 1] = 1.0  # and the prompt's first token, found by dimension 1
+    q = torch.zeros(2, d)
+    q[0, 0], q[1, 1] = 5.0, 5.0  # head 0 reads the answer's first token, head 1 the prompt's first
+    steps = [[q, q], [q, q]]
+    answer = [7, ids[src], 7]  # step 0 predicts the answer's first token, step 1 a token the answer lacks
+    hits, events = copy_hits(steps, answer, ids, pos, keys)
+    assert events == 1
+    assert hits.tolist() == [[0.0, 0.0], [1.0, 0.0]]  # layer 0 reads all keys alike: argmax is token 0
+    assert top_heads(hits / events, 1) == [[1, 0]]

@@ -26,6 +26,8 @@ BAD_VALUES = {
     "attention_per_head": ["yes", 1, None],
     "attention_spill": [-1, 65, 1.5, "16", None, True],
     "attention_first_layer": [-1, 1.5, "3", None, True, 2**31],
+    "attention_heads": [[], [[1]], [[1, 2, 3]], [[1, 2], [1, 2]], [[-1, 0]], [[1.5, 2]], [["1", 2]], [[True, 0]],
+                        "x", 3, [[2**31, 0]]],
     "attention_later": ["quest", "", None, 1],
     "swap_limit": [-1, 1.5, "2", True, 2**31],
     "reselect": ["exact", "", None, True],

@@ -124,6 +124,10 @@ RULES = {
     "attention_per_head": lambda v: isinstance(v, bool),
     "attention_spill": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "attention_first_layer": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and < the model's layers: the launcher
+    "attention_heads": lambda v: v is None or (
+        isinstance(v, list) and len(v) > 0
+        and all(isinstance(h, list) and len(h) == 2 and all(_int(x) and 0 <= x <= MAX_COUNT for x in h) for h in v)
+        and len({tuple(h) for h in v}) == len(v)),  # and inside the model: the launcher
     "attention_later": lambda v: _in(v, LATER_WINDOWS),
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),

@@ -10,10 +10,11 @@ import pytest
 from lsa_sglang import launch_server as ls
 
 
-def _model_dir(tmp_path, layers=30):
+def _model_dir(tmp_path, layers=30, heads=None):
     d = tmp_path / "model"
     d.mkdir()
-    (d / "config.json").write_text(json.dumps({"num_hidden_layers": layers}))
+    shape = {"num_hidden_layers": layers, **({} if heads is None else {"num_attention_heads": heads})}
+    (d / "config.json").write_text(json.dumps(shape))
     return str(d)
 
 
@@ -75,6 +76,18 @@ def test_attention_first_layer_checked_against_model(tmp_path, capsys):
     assert "'attention_first_layer'" in err and "[0, 29]" in err
     cfg.write_text("attention_first_layer: 29\n")
     assert ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])[1].attention_first_layer == 29
+
+
+def test_attention_heads_checked_against_model(tmp_path, capsys):
+    cfg, model = tmp_path / "c.yaml", _model_dir(tmp_path, 30, heads=9)
+    for bad, named in (("[[30, 0]]", "[30, 0]"), ("[[2, 9]]", "[2, 9]")):
+        cfg.write_text(f"attention_heads: {bad}\n")
+        with pytest.raises(SystemExit):
+            ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])
+        err = capsys.readouterr().err
+        assert "'attention_heads'" in err and "30 layers of 9 heads" in err and named in err
+    cfg.write_text("attention_heads: [[29, 8], [0, 0]]\n")
+    assert ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])[1].attention_heads == ((29, 8), (0, 0))
 
 
 def test_bad_config_fails_once_with_clear_message(tmp_path):
