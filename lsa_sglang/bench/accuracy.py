@@ -50,6 +50,7 @@ VARIANTS = {
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
     "attention-fixed-budget": ("attention", {"budget_fraction": None}),
     "attention-layers": ("attention", {"attention_heads": None}),
+    "attention-layers-spill": ("attention", {"attention_heads": None, "attention_spill": 16}),
 }
 
 FIRST_LAYER = re.compile(r"attention-from(\d+)")  # the `attention` policy, window 0 from layer N up
