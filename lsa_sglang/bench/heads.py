@@ -50,11 +50,12 @@ def copy_hits(steps, answer: list[int], ids: list[int], positions: list[int], ke
     tokens = torch.tensor(ids, dtype=torch.long)[pos] if positions else torch.zeros(0, dtype=torch.long)
     hits, events = None, 0
     for j, qs in enumerate(steps):
-        if j + 1 >= len(answer) or not bool((tokens == answer[j + 1]).any()):
+        copied = pos[tokens == answer[j + 1]] if j + 1 < len(answer) else pos[:0]
+        if copied.numel() == 0:
             continue
         events += 1
         source = torch.zeros(keys[0].shape[0], dtype=torch.bool)
-        source[pos[tokens == answer[j + 1]]] = True
+        source[copied] = True
         step = []
         for q, k in zip(qs, keys):
             heads, kv_heads, dim = q.shape[0], k.shape[1], q.shape[-1]

@@ -47,8 +47,8 @@ from lsa_sglang.cli import CliError
 from lsa_sglang.bench.tasks import generate_samples
 from lsa_sglang.config import read_preset
 from lsa_sglang.indexer.attention_signal import (
-    attention_scores, copied_chunks, evidence_swap, head_scores, heads_by_layer, layer_chunk_mass, quest_shares, quest_window0,
-    raise_held, release_copied,
+    attention_scores, copied_chunks, evidence_swap, head_scores, heads_by_layer, layer_chunk_mass, quest_shares,
+    quest_window0, raise_held, release_copied,
 )
 from lsa_sglang.indexer.selector import SelectionParams, candidate_chunks, member_mask, select_chunks
 

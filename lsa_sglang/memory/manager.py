@@ -43,7 +43,7 @@ class LSAMemoryManager:
         self.config = config
         self.cs = config.chunk_size
         self.cells = DeviceCells(model_runner, self.cs, config.poison_released)
-        self.num_heads = getattr(model_runner.model_config, "num_attention_heads", None)  # query heads (one TP rank)
+        self.num_heads = getattr(model_runner.model_config, "num_attention_heads", None)  # the model's query heads (`attention_heads` are checked against them)
         self.page_bytes = self.cells.page_bytes
         self.host = HostMirror(
             self.cells.num_layers, self.cs, self.cells.kv_heads, self.cells.head_dim, self.cells.dtype,
