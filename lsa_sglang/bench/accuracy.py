@@ -32,6 +32,7 @@ VARIANTS = {
     "attention-rows": ("attention", {"attention_rows": 64}),
     "attention-heads": ("attention", {"attention_per_head": True}),
     "attention-spill": ("attention", {"attention_spill": 16}),
+    "attention-no-spill": ("attention", {"attention_spill": 0}),
     "attention-carry": ("attention", {"attention_later": "carry"}),
     "attention-later-indexer": ("attention", {"attention_later": "indexer"}),
     "attention-swap-all": ("attention", {"swap_limit": None}),
