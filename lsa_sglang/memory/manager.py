@@ -43,7 +43,8 @@ class LSAMemoryManager:
         self.config = config
         self.cs = config.chunk_size
         self.cells = DeviceCells(model_runner, self.cs, config.poison_released)
-        self.num_heads = getattr(model_runner.model_config, "num_attention_heads", None)  # the model's query heads (`attention_heads` are checked against them)
+        # the model's query heads: a request's `attention_heads` are checked against them
+        self.num_heads = getattr(model_runner.model_config, "num_attention_heads", None)
         self.page_bytes = self.cells.page_bytes
         self.host = HostMirror(
             self.cells.num_layers, self.cs, self.cells.kv_heads, self.cells.head_dim, self.cells.dtype,
