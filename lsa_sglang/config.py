@@ -156,6 +156,7 @@ class LSAConfig:
     held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
     reselect_edge: bool = False  # `reselect`: bring in the chunk after one whose end the answer just copied
     release_copied: int = 0  # `reselect`: a chunk the answer copies (its last this many tokens) holds its page to the copy's end, then only what later steps read (0: off)
+    copy_siblings: int = 0  # `release_copied`: a copy's other list items (where its last this many lead-in tokens recur) come in and hold (0: off)
     edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"
@@ -234,6 +235,9 @@ class LSAConfig:
             raise bad("held_decay", "a number in (0, 1]")
         need_bool("reselect_edge")
         need_int("release_copied", 0, self.chunk_size)
+        need_int("copy_siblings", 0, self.chunk_size)
+        if self.copy_siblings and not self.release_copied:
+            raise bad("copy_siblings", "0 when release_copied is 0 (the copies it follows are those release_copied finds)")
         need_int("edge_pages", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)

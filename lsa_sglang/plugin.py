@@ -31,7 +31,7 @@ OVERRIDABLE = ("policy", "page_budget", "budget_fraction", "threshold", "enabled
                "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
                "attention_later", "swap_limit",
                "reselect", "reselect_after", "held_decay", "reselect_edge", "edge_pages",
-               "release_copied")
+               "release_copied", "copy_siblings")
 _registered = False
 
 

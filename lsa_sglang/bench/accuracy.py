@@ -46,6 +46,8 @@ VARIANTS = {
     "attention-release": ("attention", {"release_copied": 4}),
     "attention-release3": ("attention", {"release_copied": 3}),
     "attention-no-release": ("attention", {"release_copied": 0}),
+    "attention-siblings": ("attention", {"copy_siblings": 8}),
+    "attention-no-siblings": ("attention", {"copy_siblings": 0}),
     "attention-edge-page": ("attention", {"reselect_edge": True, "edge_pages": 1}),
     "attention-edge-page-b8": ("attention", {"reselect_edge": True, "edge_pages": 1, "page_budget": 8}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
@@ -134,7 +136,7 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
                    lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
                    fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"),
                    reselections=st.get("reselections"), edge_reselections=st.get("edge_reselections"),
-                   copies_released=st.get("copies_released"))
+                   copies_released=st.get("copies_released"), sibling_reselections=st.get("sibling_reselections"))
     elif method.server == "stock":
         rec.update(kv_ratio=1.0, kv_source="stock keeps the full KV on the device")
     return rec

@@ -230,6 +230,54 @@ def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: i
     return found[0] if found else None
 
 
+def copy_start(tokens: Sequence[int], n: int, chunk: int, cs: int, answer_len: int) -> int | None:
+    """Where the copy the answer is making of ``chunk`` began (`copied_chunks`): the first run
+    equal to the last ``n`` of ``tokens`` that ends in the chunk, extended back while the
+    answer's earlier tokens (at most ``answer_len`` in all) equal the ones before it. None when
+    the chunk holds no such run."""
+    if n < 1 or len(tokens) <= n or answer_len < n:
+        return None
+    tail = list(tokens[-n:])
+    limit = len(tokens) - n
+    start = max(chunk * cs - n + 1, 0)
+    span = list(tokens[start : min((chunk + 1) * cs, limit)])
+    at = next((i for i in range(len(span) - n + 1) if span[i : i + n] == tail), None)
+    if at is None:
+        return None
+    begin, back = start + at, n
+    while back < answer_len and begin > 0 and tokens[begin - 1] == tokens[len(tokens) - back - 1]:
+        begin, back = begin - 1, back + 1
+    return begin
+
+
+def list_siblings(prompt: Sequence[int], start: int, lead: int, cs: int, most: int) -> list[int]:
+    """Chunks of the other items of a list whose item at ``start`` the answer is copying: every
+    other place in ``prompt`` where the ``lead`` tokens before ``start`` recur (the text each
+    item follows, e.g. "numbers for <key> is:") is followed by another item; returns the chunks
+    of the ``lead`` tokens after each recurrence, items after ``start`` first in document order,
+    then those before it, without the chunks of the item at ``start``. Empty when ``start`` has
+    fewer than ``lead`` tokens before it, nothing recurs, or more than ``most`` items do (text
+    that common, filler, names no list)."""
+    if lead < 1 or start < lead or start > len(prompt):
+        return []
+    ctx = list(prompt[start - lead : start])
+    first = ctx[0]
+    own = set(range(start // cs, (min(start + lead, len(prompt)) - 1) // cs + 1))
+    items = []
+    for p in range(len(prompt) - lead):
+        if prompt[p] == first and p != start - lead and list(prompt[p : p + lead]) == ctx:
+            items.append(p + lead)
+            if len(items) > most:
+                return []
+    items.sort(key=lambda s: (s < start, s))
+    out: list[int] = []
+    for s in items:
+        for c in range(s // cs, (min(s + lead, len(prompt)) - 1) // cs + 1):
+            if c not in own and c not in out:
+                out.append(c)
+    return out
+
+
 def release_copied(held: torch.Tensor, share: torch.Tensor, copying: Iterable[int], before: Iterable[int],
                    lo: int, hi: int) -> int:
     """In place, over candidate chunks (absolute indices in ``[lo, hi)``; ``held``/``share``

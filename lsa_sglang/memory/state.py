@@ -53,6 +53,7 @@ class RequestStats:
     reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
     edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
     copies_released: int = 0  # copies of a resident chunk that ended, its hold started again (`release_copied`)
+    sibling_reselections: int = 0  # chunks swapped in as other items of a list the answer copies (`copy_siblings`)
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
     policy: str = "indexer"
@@ -85,6 +86,7 @@ class ServerStats:
     reselections: int = 0
     edge_reselections: int = 0
     copies_released: int = 0
+    sibling_reselections: int = 0
 
     def count(self, request: RequestStats | None = None, **deltas) -> None:
         """Add to the server's counters and to the request's where it has the same field."""
@@ -124,6 +126,7 @@ class ChunkTable:
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
     edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
     copying: list[int] = field(default_factory=list)  # `release_copied`: resident chunks the answer copied at the last step
+    listed: set[int] = field(default_factory=set)  # `copy_siblings`: chunks the answer has copied from
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None

@@ -32,8 +32,8 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, head_scores, heads_by_layer, quest_shares,
-    quest_window0, raise_held, release_copied, step_peak,
+    copied_chunk_end, copied_chunks, copy_start, edge_swap, evidence_swap, head_scores, heads_by_layer,
+    list_siblings, quest_shares, quest_window0, raise_held, release_copied, step_peak,
 )
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
@@ -185,7 +185,8 @@ class WindowCycle:
         weakest resident one holds, that one is released and the other copied in
         now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
         the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
-        it may grow the set by that many pages)."""
+        it may grow the set by that many pages); with `copy_siblings` a copy that starts brings in
+        the other items of its list (`_siblings`)."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
@@ -207,9 +208,12 @@ class WindowCycle:
             watched = [c for c in table.resident if lo <= c < hi]
             copying = copied_chunks(RequestTokens(req), table.config.release_copied, watched, self.cs)
             ended = release_copied(held, share, copying, table.copying, lo, hi)
+            started = [c for c in copying if c not in table.copying]
             table.copying = copying
             if ended:
                 self.server.count(table.stats, copies_released=ended)
+            if started and table.config.copy_siblings:
+                self._siblings(table, req, started, lo, hi, held)
         resident = member_mask(table.resident, lo, hi)
         edge = self._edge(table, req, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge
@@ -233,6 +237,77 @@ class WindowCycle:
             table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
         self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
+
+    def _siblings(self, table: ChunkTable, req, started: list[int], lo: int, hi: int, held: torch.Tensor) -> None:
+        """The sibling rule (`copy_siblings`): the answer began copying the resident chunks
+        `started`; where the `copy_siblings` prompt tokens before the copied run recur, other items
+        of the same list follow (`list_siblings`). Those not copied yet hold their pages until
+        copied (held 1, and window 0's top score for the carried later windows), and those not on
+        the device come in now for the weakest resident candidates that are neither siblings nor
+        being copied, the next items in document order first: a synchronous copy (a counted
+        stall), the set's size unchanged. The window already prefetched keeps them too."""
+        config, cs = table.config, self.cs
+        prompt = req.origin_input_ids
+        table.listed.update(started)
+        want: list[int] = []
+        for c in started:
+            at = copy_start(RequestTokens(req), config.release_copied, c, cs, len(req.output_ids))
+            if at is None or at >= len(prompt):
+                continue
+            for s in list_siblings(prompt, at, config.copy_siblings, cs, 2 * chunk_cap(config)):
+                if lo <= s < hi and s not in table.listed and s not in want:
+                    want.append(s)
+        if not want:
+            return
+        for s in want:
+            held[s - lo] = 1.0
+        w0 = table.window0_scores
+        if w0 is not None:
+            w0[[s for s in want if s < w0.numel()]] = w0.max()
+        keep = set(want) | set(table.copying)
+        spare = sorted((c for c in table.resident if lo <= c < hi and c not in keep), key=lambda c: float(held[c - lo]))
+        incoming = [s for s in want if s not in table.resident][: len(spare)]
+        if not incoming:
+            return
+        outgoing = spare[: len(incoming)]
+        t = time.perf_counter()
+        self.apply(table, table.resident - set(outgoing), {})
+        pages = self.cells.alloc(len(incoming))
+        if pages is None:  # only when a running request outgrew its reservation
+            self.server.alloc_denied += 1
+            return
+        self._load([table.host_slots[c] for c in incoming], pages)
+        self.cells.set_rows(table.req_pool_idx, incoming, pages)
+        table.resident |= set(incoming)
+        self._keep_pending(table, incoming, outgoing, keep, held, lo, hi)
+        self.server.count(table.stats, reselections=len(incoming), sibling_reselections=len(incoming), stalls=1,
+                          stall_seconds=time.perf_counter() - t, chunks_copied=len(incoming),
+                          bytes_copied=len(incoming) * self.cells.page_bytes)
+
+    @staticmethod
+    def _keep_pending(table: ChunkTable, incoming: list[int], outgoing: list[int], keep: set[int],
+                      held: torch.Tensor, lo: int, hi: int) -> None:
+        """The set prefetched for the next window (selected before `incoming` came in) takes
+        them in place of chunks it holds that just left (`outgoing`), else of its weakest
+        candidates outside `keep` that it does not prefetch: the next boundary keeps them."""
+        p = table.pending
+        if p is None:
+            return
+        resident = set(p.resident)
+        for c in incoming:
+            if c in resident:
+                continue
+            out = [o for o in outgoing if o in resident and o not in p.new_pages]
+            if not out:
+                out = sorted((o for o in resident if lo <= o < hi and o not in keep and o not in p.new_pages),
+                             key=lambda o: float(held[o - lo]))
+            if not out:
+                break
+            resident.discard(out[0])
+            resident.add(c)
+            if out[0] in p.deferred:
+                p.deferred.remove(out[0])
+        p.resident = resident
 
     def _edge(self, table: ChunkTable, req, layers: list[int], queries: list[torch.Tensor], scales: list[float],
               lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:

@@ -10,8 +10,8 @@ import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, edge_swap, evidence_swap, head_scores, quest_shares, quest_window0,
-    raise_held, release_copied, step_peak,
+    copied_chunk_end, copied_chunks, copy_start, edge_swap, evidence_swap, head_scores, list_siblings, quest_shares,
+    quest_window0, raise_held, release_copied, step_peak,
 )
 
 
@@ -330,6 +330,49 @@ def test_a_copied_chunk_holds_its_page_through_the_copy_then_lets_an_unread_one_
     assert evidence_swap(share, held, resident) == (2, 0)
     assert release_copied(held, torch.zeros(3), [4, 8], [3], 5, 8) == 0  # outside [5, 8): nothing changes
     torch.testing.assert_close(held, torch.tensor([0.1, 0.4, 0.3]))
+
+
+def _list_prompt():
+    """100 tokens of filler (0) holding a list of three items, each after the lead-in 7 8 9: at
+    10 (chunk 0 of 16), 45 (chunk 2) and 78 (its four tokens cross from chunk 4 into 5); a
+    look-alike lead-in 6 8 9 before a fourth item at 60."""
+    p = [0] * 100
+    for at, lead, item in [(10, [7, 8, 9], [1, 2, 3, 4]), (45, [7, 8, 9], [5, 6, 3, 1]),
+                           (60, [6, 8, 9], [5, 5, 5, 5]), (78, [7, 8, 9], [2, 2, 3, 3])]:
+        p[at - 3 : at], p[at : at + 4] = lead, item
+    return p
+
+
+def test_copy_start_is_where_the_answers_copy_began():
+    """The answer copies item 45 (5 6 3 1) after a token that is not the prompt's (4): found from
+    its last three tokens, extended back as far as the answer agrees with the prompt, never past
+    the answer's own start; None when the chunk holds no such run."""
+    p = _list_prompt()
+    assert copy_start(p + [4, 5, 6, 3], 3, 2, 16, 4) == 45
+    assert copy_start(p + [4, 5, 6, 3, 1], 3, 3, 16, 5) == 45  # the run 6 3 1 ends in chunk 3
+    assert copy_start(p + [9, 5, 6, 3], 3, 2, 16, 4) == 44  # the lead-in's last token copied too
+    assert copy_start(p + [9, 5, 6, 3], 3, 2, 16, 3) == 45  # the answer is only the last three
+    assert copy_start(p + [4, 5, 6, 3], 3, 1, 16, 4) is None  # not in chunk 1
+    assert copy_start(p + [5, 6, 3], 0, 2, 16, 3) is None
+
+
+def test_list_siblings_are_the_items_after_the_same_lead_in():
+    """Items after the same three tokens, the next ones in document order first, then the earlier
+    ones; an item crossing a chunk boundary brings both chunks; the look-alike lead-in (6 8 9)
+    and the copied item's own chunk are not siblings; a shorter lead-in (8 9) takes the
+    look-alike too (each item spans as many tokens as the lead-in); nothing when the lead-in does
+    not recur, recurs more than `most` times (filler) or cannot be read."""
+    p = _list_prompt()
+    assert list_siblings(p, 45, 3, 16, 8) == [4, 5, 0]
+    assert list_siblings(p, 10, 3, 16, 8) == [2, 4, 5]
+    assert list_siblings(p, 78, 3, 16, 8) == [0, 2]
+    assert list_siblings(p, 45, 2, 16, 8) == [3, 4, 0]
+    assert list_siblings(p, 45, 3, 16, 2) == [4, 5, 0] and list_siblings(p, 45, 3, 16, 1) == []
+    assert list_siblings(p, 30, 3, 16, 8) == []  # the lead-in 0 0 0 is filler: it recurs 60 times
+    p2 = list(p)
+    p2[42:45] = [1, 1, 1]
+    assert list_siblings(p2, 45, 3, 16, 8) == []
+    assert list_siblings(p, 2, 3, 16, 8) == [] and list_siblings(p, 45, 0, 16, 8) == []
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])

@@ -35,6 +35,7 @@ BAD_VALUES = {
     "held_decay": [0, -0.5, 1.5, "0.9", None, True, float("nan")],
     "reselect_edge": ["true", 0, 1, None],
     "release_copied": [-1, 65, 1.5, "4", None, True],
+    "copy_siblings": [-1, 65, 1.5, "8", None, True, 8],  # 8: release_copied is 0
     "edge_pages": [-1, 1.5, "1", None, True, 2**31],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
@@ -67,6 +68,14 @@ def test_allowed_values_are_listed():
 def test_min_pages_above_budget():
     with pytest.raises(LSAConfigError, match="'min_pages'.*<= page_budget"):
         LSAConfig(page_budget=4, min_pages=5)
+
+
+def test_copy_siblings_follows_the_copies_release_copied_finds():
+    with pytest.raises(LSAConfigError, match="'copy_siblings'.*0 when release_copied is 0"):
+        LSAConfig(copy_siblings=8)
+    assert LSAConfig(copy_siblings=8, release_copied=3).copy_siblings == 8
+    with pytest.raises(LSAConfigError, match="'copy_siblings'"):
+        LSAConfig(chunk_size=16, copy_siblings=17, release_copied=3)
 
 
 def test_unknown_field_lists_known_fields():

@@ -135,6 +135,7 @@ RULES = {
     "held_decay": lambda v: _finite(v) and 0 < v <= 1,
     "reselect_edge": lambda v: isinstance(v, bool),
     "release_copied": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
+    "copy_siblings": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size, with release_copied: config_offenders
     "edge_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
@@ -162,6 +163,9 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
         bad.add("attention_spill")
     if merged.get("release_copied", 0) > merged.get("chunk_size", 64):
         bad.add("release_copied")
+    if merged.get("copy_siblings", 0) > merged.get("chunk_size", 64) or (
+            merged.get("copy_siblings", 0) and not merged.get("release_copied", 0)):
+        bad.add("copy_siblings")
     return bad
 
 
