@@ -322,6 +322,51 @@ def test_release_copied_counts_a_copy_and_reads_only_resident_cells(lsa_server, 
     assert after["device_free_tokens"] == baseline["device_free_tokens"]
 
 
+def list_ids(server, n_tokens: int, seed: int, codes: dict[int, str], chunk: int = 64) -> tuple[list[int], list[int]]:
+    """A prompt of n_tokens tokens stating each of `codes` (chunk -> code) after the same lead-in
+    (" The secret code is") 8 tokens into that chunk, ending with the lead-in; and the lead-in's
+    tokens."""
+    rng = random.Random(seed)
+
+    def tok(text):
+        return requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]
+
+    ids, lead = tok(" ".join(rng.choice(WORDS) for _ in range(n_tokens))), tok(" The secret code is")
+    for c in sorted(codes, reverse=True):
+        at = c * chunk + 8
+        ids[at:at] = lead + tok(f" {codes[c]}.")
+    return ids[: n_tokens - len(lead)] + lead, lead
+
+
+def test_copy_siblings_brings_in_the_other_items_of_a_list_the_answer_copies(lsa_server, baseline):
+    """`copy_siblings`: four codes follow the same lead-in, in chunks 8, 16, 24 and 32, and the
+    prompt ends with it. At 2 pages window 0 cannot hold them all; once the answer copies one
+    (`release_copied` sees the copy), the lead-in before it recurs before the other three and
+    the rule swaps one of those not on the device in for the page not being copied (counted in
+    `sibling_reselections`, copied synchronously; evidence swaps are gated off for the whole
+    answer, so every swap is this rule's), through window boundaries every 8 steps; without the
+    rule none is counted. Only resident cells are read (released cells are NaN in the test
+    preset) and no cell is left behind."""
+    codes = {8: "7382-0459-1637", 16: "5190-2284-7716", 24: "6603-9157-2048", 32: "2875-4410-9362"}
+    ids, lead = list_ids(lsa_server, 3000, seed=12, codes=codes)
+    assert len(lead) == 4
+    got = {}
+    for n in (0, 4):
+        lsa = {"policy": "attention", "page_budget": 2, "attention_later": "carry", "reselect": "quest",
+               "reselect_after": 64, "release_copied": 3, "copy_siblings": n}
+        out = greedy(lsa_server, ids, n=24, lsa=lsa, logprobs=True)
+        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
+        got[n] = out["text"], next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
+    (off_text, off), (on_text, on) = got[0], got[4]
+    assert any(code[:4] in on_text for code in codes.values()), on_text  # the answer copies a code
+    assert off["sibling_reselections"] == off["reselections"] == 0, off
+    assert on["sibling_reselections"] >= 1 and on["reselections"] == on["sibling_reselections"], on
+    assert on["stalls"] >= 1 and on["chunks_copied"] >= on["sibling_reselections"]
+    after = wait_idle(lsa_server, flush=True)["server"]
+    assert after["sibling_reselections"] >= on["sibling_reselections"]
+    assert after["device_free_tokens"] == baseline["device_free_tokens"]
+
+
 def test_attention_first_layer_picks_window0_from_later_layers_only(lsa_server):
     """`attention_first_layer`: window 0 ranks chunks by the attention of that layer and the later
     ones. At 2 pages, the last layer alone picks another window 0 than the max over every layer
