@@ -127,6 +127,7 @@ class ChunkTable:
     edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
     copying: list[int] = field(default_factory=list)  # `release_copied`: resident chunks the answer copied at the last step
     listed: set[int] = field(default_factory=set)  # `copy_siblings`: chunks the answer has copied from
+    siblings: list[int] = field(default_factory=list)  # `copy_siblings`: other items of the list it copies, next first
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None

@@ -208,12 +208,11 @@ class WindowCycle:
             watched = [c for c in table.resident if lo <= c < hi]
             copying = copied_chunks(RequestTokens(req), table.config.release_copied, watched, self.cs)
             ended = release_copied(held, share, copying, table.copying, lo, hi)
-            started = [c for c in copying if c not in table.copying]
             table.copying = copying
             if ended:
                 self.server.count(table.stats, copies_released=ended)
-            if started and table.config.copy_siblings:
-                self._siblings(table, req, started, lo, hi, held)
+            if table.config.copy_siblings and (ended or not table.listed.issuperset(copying)):
+                self._siblings(table, req, lo, hi, held)
         resident = member_mask(table.resident, lo, hi)
         edge = self._edge(table, req, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
         pair = edge
@@ -238,25 +237,31 @@ class WindowCycle:
         self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
 
-    def _siblings(self, table: ChunkTable, req, started: list[int], lo: int, hi: int, held: torch.Tensor) -> None:
-        """The sibling rule (`copy_siblings`): the answer began copying the resident chunks
-        `started`; where the `copy_siblings` prompt tokens before the copied run recur, other items
-        of the same list follow (`list_siblings`). Those not copied yet hold their pages until
+    def _siblings(self, table: ChunkTable, req, lo: int, hi: int, held: torch.Tensor) -> None:
+        """The sibling rule (`copy_siblings`), when a copy starts or ends: when the answer copies
+        one chunk alone (`table.copying`; several: it copies text the items share, such as the
+        lead-in) that it did not before, once the copy holds `release_copied` tokens of the
+        answer itself (`copy_start`), where the `copy_siblings` prompt tokens before the copied
+        run recur, other items of the same list follow (`list_siblings`: the request's siblings,
+        the next items in document order first). Those not copied yet hold their pages until
         copied (held 1, and window 0's top score for the carried later windows), and those not on
-        the device come in now for the weakest resident candidates that are neither siblings nor
-        being copied, the next items in document order first: a synchronous copy (a counted
-        stall), the set's size unchanged. The window already prefetched keeps them too."""
+        the device come in now, in that order, for the weakest resident candidates that are
+        neither siblings nor being copied (a copy that ended frees its chunk's page for the next
+        item): a synchronous copy (a counted stall), the set's size unchanged. The window already
+        prefetched keeps them too."""
         config, cs = table.config, self.cs
         prompt = req.origin_input_ids
-        table.listed.update(started)
-        want: list[int] = []
-        for c in started:
-            at = copy_start(RequestTokens(req), config.release_copied, c, cs, len(req.output_ids))
-            if at is None or at >= len(prompt):
-                continue
-            for s in list_siblings(prompt, at, config.copy_siblings, cs, 2 * chunk_cap(config)):
-                if lo <= s < hi and s not in table.listed and s not in want:
-                    want.append(s)
+        copying = table.copying[0] if len(table.copying) == 1 else None  # several: text the items share
+        at = None
+        if copying is not None and copying not in table.listed:
+            at = copy_start(RequestTokens(req), config.release_copied, copying, cs, len(req.output_ids))
+        if at is not None:  # (None: the run still begins in the prompt's own last tokens)
+            table.listed.add(copying)
+            found = [s for s in list_siblings(prompt, at, config.copy_siblings, cs, 2 * chunk_cap(config))
+                     if lo <= s < hi] if at < len(prompt) else []
+            if found:
+                table.siblings = found + [s for s in table.siblings if s not in found]
+        want = [s for s in table.siblings if s not in table.listed]
         if not want:
             return
         for s in want:

@@ -332,7 +332,7 @@ def list_ids(server, n_tokens: int, seed: int, codes: dict[int, str], chunk: int
         return requests.post(server.url + "/tokenize", json={"prompt": text}, timeout=60).json()["tokens"]
 
     ids, lead = tok(" ".join(rng.choice(WORDS) for _ in range(n_tokens))), tok(" The secret code is")
-    for c in sorted(codes, reverse=True):
+    for c in sorted(codes):  # in order: each lands where it is meant to
         at = c * chunk + 8
         ids[at:at] = lead + tok(f" {codes[c]}.")
     return ids[: n_tokens - len(lead)] + lead, lead
@@ -340,9 +340,9 @@ def list_ids(server, n_tokens: int, seed: int, codes: dict[int, str], chunk: int
 
 def test_copy_siblings_brings_in_the_other_items_of_a_list_the_answer_copies(lsa_server, baseline):
     """`copy_siblings`: four codes follow the same lead-in, in chunks 8, 16, 24 and 32, and the
-    prompt ends with it. At 2 pages window 0 cannot hold them all; once the answer copies one
+    prompt ends with it. At 3 pages window 0 does not hold them all; once the answer copies one
     (`release_copied` sees the copy), the lead-in before it recurs before the other three and
-    the rule swaps one of those not on the device in for the page not being copied (counted in
+    the rule swaps those not on the device in for pages that hold no code (counted in
     `sibling_reselections`, copied synchronously; evidence swaps are gated off for the whole
     answer, so every swap is this rule's), through window boundaries every 8 steps; without the
     rule none is counted. Only resident cells are read (released cells are NaN in the test
@@ -352,7 +352,7 @@ def test_copy_siblings_brings_in_the_other_items_of_a_list_the_answer_copies(lsa
     assert len(lead) == 4
     got = {}
     for n in (0, 4):
-        lsa = {"policy": "attention", "page_budget": 2, "attention_later": "carry", "reselect": "quest",
+        lsa = {"policy": "attention", "page_budget": 3, "attention_later": "carry", "reselect": "quest",
                "reselect_after": 64, "release_copied": 3, "copy_siblings": n}
         out = greedy(lsa_server, ids, n=24, lsa=lsa, logprobs=True)
         assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
