@@ -277,6 +277,8 @@ def test_methods_summary_and_table():
     assert rows.lsa == {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
     (nospill,) = build_methods(["attention-no-spill"], [None])
     assert nospill.lsa == {"policy": "attention", "attention_spill": 0}
+    (nosib,) = build_methods(["attention-no-siblings"], [None])
+    assert nosib.lsa == {"policy": "attention", "copy_siblings": 0}
     (from3,) = build_methods(["attention-from3"], [None])
     assert from3.lsa == {"policy": "attention", "attention_first_layer": 3}
     (from11,) = build_methods(["attention-from11"], [None])
