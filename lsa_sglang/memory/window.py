@@ -223,15 +223,8 @@ class WindowCycle:
             return
         incoming, outgoing = lo + pair[0], None if pair[1] is None else lo + pair[1]
         t = time.perf_counter()
-        if outgoing is not None:
-            self.apply(table, table.resident - {outgoing}, {})
-        pages = self.cells.alloc(1)
-        if pages is None:  # only when a running request outgrew its reservation
-            self.server.alloc_denied += 1
+        if not self._swap_in(table, table.resident - {outgoing}, [incoming]):
             return
-        self._load([table.host_slots[incoming]], pages)
-        self.cells.set_rows(table.req_pool_idx, [incoming], pages)
-        table.resident.add(incoming)
         if edge is not None and table.config.extra_edge_chunks:
             table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
         self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
@@ -276,14 +269,8 @@ class WindowCycle:
             return
         outgoing = spare[: len(incoming)]
         t = time.perf_counter()
-        self.apply(table, table.resident - set(outgoing), {})
-        pages = self.cells.alloc(len(incoming))
-        if pages is None:  # only when a running request outgrew its reservation
-            self.server.alloc_denied += 1
+        if not self._swap_in(table, table.resident - set(outgoing), incoming):
             return
-        self._load([table.host_slots[c] for c in incoming], pages)
-        self.cells.set_rows(table.req_pool_idx, incoming, pages)
-        table.resident |= set(incoming)
         self._keep_pending(table, incoming, outgoing, keep, held, lo, hi)
         self.server.count(table.stats, reselections=len(incoming), sibling_reselections=len(incoming), stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=len(incoming),
@@ -497,17 +484,25 @@ class WindowCycle:
         are still absent are copied synchronously into their cells (a counted stall). The
         request never holds more than its budget, which is what admission reserved for it."""
         t = time.perf_counter()
-        self.apply(table, resident & table.resident, {})
         misses = [c for c in misses if c not in table.resident]
-        pages = self.cells.alloc(len(misses))
-        if pages is None:  # only when a running request outgrew its reservation
-            self.server.alloc_denied += 1
+        if not self._swap_in(table, resident & table.resident, misses):
             return
-        self._load([table.host_slots[c] for c in misses], pages)
-        self.cells.set_rows(table.req_pool_idx, misses, pages)
-        table.resident |= set(misses)
         self.server.count(table.stats, stalls=1, stall_seconds=time.perf_counter() - t, sync_swaps=1,
                           chunks_copied=len(misses), bytes_copied=len(misses) * self.cells.page_bytes)
+
+    def _swap_in(self, table: ChunkTable, staying: set[int], incoming: list[int]) -> bool:
+        """Release the resident chunks not in `staying`, then copy `incoming` synchronously into
+        fresh cells. False when no cells were free (only when a running request outgrew its
+        reservation)."""
+        self.apply(table, staying, {})
+        pages = self.cells.alloc(len(incoming))
+        if pages is None:
+            self.server.alloc_denied += 1
+            return False
+        self._load([table.host_slots[c] for c in incoming], pages)
+        self.cells.set_rows(table.req_pool_idx, incoming, pages)
+        table.resident |= set(incoming)
+        return True
 
     def _alloc_spare(self, n: int) -> list[int] | None:
         """Cells admission did not reserve (a window's prefetch): only from memory no running

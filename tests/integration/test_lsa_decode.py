@@ -357,7 +357,7 @@ def test_copy_siblings_brings_in_the_other_items_of_a_list_the_answer_copies(lsa
         out = greedy(lsa_server, ids, n=24, lsa=lsa, logprobs=True)
         assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
         got[n] = out["text"], next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
-    (off_text, off), (on_text, on) = got[0], got[4]
+    (_, off), (on_text, on) = got[0], got[4]
     assert any(code[:4] in on_text for code in codes.values()), on_text  # the answer copies a code
     assert off["sibling_reselections"] == off["reselections"] == 0, off
     assert on["sibling_reselections"] >= 1 and on["reselections"] == on["sibling_reselections"], on
