@@ -186,7 +186,7 @@ class WindowCycle:
         now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
         the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
         it may grow the set by that many pages); with `copy_siblings` a copy that starts brings in
-        the other items of its list (`_siblings`)."""
+        the other items of its list, one that ends frees its page for them (`_siblings`)."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
