@@ -207,19 +207,21 @@ def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int,
     matches."""
     if n < 1 or len(tokens) <= n:
         return []
+    return [c for c in sorted(chunks) if _run_in_chunk(tokens, n, c, cs, at_end) is not None]
+
+
+def _run_in_chunk(tokens: Sequence[int], n: int, c: int, cs: int, at_end: bool = False) -> int | None:
+    """Start of the first run equal to the last ``n`` of ``tokens`` that ends in chunk ``c``
+    before the run itself (with ``at_end``: one that ends the chunk), None when there is none."""
     tail = list(tokens[-n:])
     limit = len(tokens) - n  # an occurrence must end before the copy starts
-    out = []
-    for c in sorted(chunks):
-        end = (c + 1) * cs
-        if at_end and end > limit:
-            continue
-        # at_end: only the chunk's last n tokens; else any run ending in the chunk
-        start = max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0)
-        span = list(tokens[start : min(end, limit)])
-        if any(span[i : i + n] == tail for i in range(len(span) - n + 1)):
-            out.append(c)
-    return out
+    end = (c + 1) * cs
+    if at_end and end > limit:
+        return None
+    # at_end: only the chunk's last n tokens; else any run ending in the chunk
+    start = max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0)
+    span = list(tokens[start : min(end, limit)])
+    return next((start + i for i in range(len(span) - n + 1) if span[i : i + n] == tail), None)
 
 
 def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> int | None:
@@ -237,14 +239,10 @@ def copy_start(tokens: Sequence[int], n: int, chunk: int, cs: int, answer_len: i
     the chunk holds no such run."""
     if n < 1 or len(tokens) <= n or answer_len < n:
         return None
-    tail = list(tokens[-n:])
-    limit = len(tokens) - n
-    start = max(chunk * cs - n + 1, 0)
-    span = list(tokens[start : min((chunk + 1) * cs, limit)])
-    at = next((i for i in range(len(span) - n + 1) if span[i : i + n] == tail), None)
-    if at is None:
+    begin = _run_in_chunk(tokens, n, chunk, cs)
+    if begin is None:
         return None
-    begin, back = start + at, n
+    back = n
     while back < answer_len and begin > 0 and tokens[begin - 1] == tokens[len(tokens) - back - 1]:
         begin, back = begin - 1, back + 1
     return begin
