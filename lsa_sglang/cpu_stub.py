@@ -1,9 +1,10 @@
-"""Importable stand-in for `sgl_kernel` on CPU-only hosts.
+"""Importable stand-in for `sgl_kernel` on CPU-only hosts and in the GPU mode without it.
 
 SGLang imports `sgl_kernel` (CUDA-only, no CPU wheel) at module level in many places,
 even on paths that never call it on the CPU engine. On the CPU route `make setup`
 drops a `.pth` file that imports this module in every Python process (launcher,
-scheduler, detokenizer), so those imports succeed. Unlike a MagicMock stub, every
+scheduler, detokenizer), so those imports succeed; on a GPU host without sgl-kernel the
+offline bundle's install step does the same (`lsa_sglang.bundle`, `lsa_sglang.gpu_mode`). Unlike a MagicMock stub, every
 function here raises when called: a CPU code path that really needs a CUDA kernel
 fails loudly instead of computing garbage.
 """
@@ -67,6 +68,11 @@ class _Finder(importlib.abc.MetaPathFinder):
 
 def is_stub(module: types.ModuleType) -> bool:
     return isinstance(module, _StubModule)
+
+
+def real_spec():
+    """The spec of a real `sgl_kernel` on sys.path (None: there is none), the stand-in ignored."""
+    return importlib.machinery.PathFinder.find_spec(_PREFIX)
 
 
 def install() -> bool:

@@ -9,6 +9,11 @@ SGLang's own HTTP server with `--attention-backend lsa`. This wrapper only:
 - fills in the flags LSA needs (backend, page size = chunk size) and the preset's
   `sglang:` defaults, binds loopback unless `--host` is given, and on a host without CUDA
   takes SGLang's CPU engine route,
+- on a CUDA host without a real sgl-kernel (or with `--lsa-gpu-mode torch`), takes the GPU mode
+  without it (`lsa_sglang.gpu_mode`: torch fused ops, Triton attention, torch sampling) and says
+  so in one line on stderr,
+- `--lsa-dense-backend NAME`: the SGLang attention backend LSA hands prefill, extend and LSA-off
+  decode to (default: torch_native on CPU, triton on CUDA),
 then runs SGLang's launcher unchanged.
 """
 
@@ -20,7 +25,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lsa_sglang import gpu_mode
 from lsa_sglang.config import ENV_VAR, LSAConfig, LSAConfigError, read_preset, show, show_key
+from lsa_sglang.session import DENSE_ENV_VAR
 
 DEFAULT_CPU_MAX_TOTAL_TOKENS = 32768
 DEFAULT_HOST = "127.0.0.1"
@@ -244,8 +251,11 @@ def cuda_available() -> bool:
 
 
 def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
-    """Turn our command line into SGLang's, validating everything LSA owns."""
+    """Turn our command line into SGLang's, validating everything LSA owns (the environment
+    SGLang's processes need goes into `os.environ`)."""
     argv, config_path = _pop_flag(list(argv), "--lsa-config")
+    argv, gpu_mode_flag = _pop_flag(argv, "--lsa-gpu-mode")
+    argv, dense = _pop_flag(argv, "--lsa-dense-backend")
     try:
         config, preset_flags = load_preset(config_path)
     except LSAConfigError as e:
@@ -308,7 +318,30 @@ def prepare_argv(argv: list[str]) -> tuple[list[str], LSAConfig]:
             # mirror, so the device tier drops them before rows that exist nowhere else.
             argv += ["--radix-eviction-policy", "priority"]
 
-    if cuda_available():
+    if dense is not None:
+        from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+
+        if dense == BACKEND or dense not in ATTENTION_BACKEND_CHOICES:
+            raise LaunchError(f"--lsa-dense-backend {dense}: expected an SGLang attention backend other "
+                              f"than lsa ({', '.join(c for c in ATTENTION_BACKEND_CHOICES if c != BACKEND)})")
+        os.environ[DENSE_ENV_VAR] = dense
+
+    cuda = cuda_available()
+    try:
+        mode = gpu_mode.choose(gpu_mode_flag or "auto", cuda)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    if gpu_mode_flag == "sgl-kernel" and cuda and not gpu_mode.real_sgl_kernel():
+        raise LaunchError("--lsa-gpu-mode sgl-kernel: no sgl_kernel is importable on this host; "
+                          "drop the flag (the GPU mode without it is then chosen) or install sgl-kernel")
+    if mode == "torch":
+        argv = gpu_mode.add_flags(argv, os.environ, stock=False)
+        if dense not in (None, gpu_mode.ATTENTION_BACKEND):
+            print(f"lsa_sglang.launch_server: warning: --lsa-dense-backend {dense} in the GPU mode "
+                  "without sgl-kernel (which has only triton and torch_native)", file=sys.stderr)
+        print(f"lsa_sglang.launch_server: {gpu_mode.describe()}", file=sys.stderr)
+
+    if cuda:
         if backend in (None, "lsa") and not _has_flag(argv, "--disable-cuda-graph"):
             # The decode plan changes every window; graph capture of it is not wired yet.
             argv.append("--disable-cuda-graph")

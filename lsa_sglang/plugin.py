@@ -3,6 +3,8 @@ only modules that touch SGLang internals; all three get this process's `session.
 
 SGLang calls `register()` early in every process it starts (CLI, Engine, scheduler,
 detokenizer). It registers:
+- in the GPU mode without sgl-kernel (`LSA_SGLANG_GPU_MODE=torch`), the replacements of
+  `gpu_mode.patch_sglang`, before SGLang builds a model (stock servers get them too),
 - the `lsa` attention backend (lsa_sglang.attention.backend),
 - the `lsa` radix cache backend (lsa_sglang.memory.radix),
 - hooks: per-request overrides (checked where SGLang checks sampling params, and again when
@@ -44,18 +46,22 @@ def register() -> None:
     from sglang.srt.mem_cache.registry import register_radix_cache_backend
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from lsa_sglang import gpu_mode
     from lsa_sglang.session import Session
 
     session = Session.from_environment()
+    if gpu_mode.active():
+        gpu_mode.patch_sglang()
 
     @register_attention_backend(BACKEND_NAME)
     def _create_lsa_backend(runner):
-        from lsa_sglang.attention.backend import LSAAttnBackend
+        from lsa_sglang.attention.backend import LSAAttnBackend, dense_backend
         from lsa_sglang.session import build_manager
 
         config = session.serving_config
-        logger.info("lsa attention backend: %s", config)
-        backend = LSAAttnBackend(runner, config, build_manager(runner, config))
+        dense = dense_backend(runner, session.dense_backend)
+        logger.info("lsa attention backend: %s; dense work on %s", config, type(dense).__name__)
+        backend = LSAAttnBackend(runner, config, build_manager(runner, config), dense)
         session.attach_manager(backend.manager)
         return backend
 

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 from lsa_sglang.config import ENV_VAR, LSAConfig
 
+DENSE_ENV_VAR = "LSA_SGLANG_DENSE_BACKEND"  # the launcher's --lsa-dense-backend
+
 if TYPE_CHECKING:
     from lsa_sglang.memory.manager import LSAMemoryManager
     from lsa_sglang.memory.radix import LSARadixCache
@@ -35,10 +37,13 @@ class Session:
         self.config = config
         self.manager: LSAMemoryManager | None = None  # None: no `lsa` backend in this process (yet)
         self.radix: LSARadixCache | None = None
+        self.dense_backend: str | None = None  # None: the device's default (attention.backend)
 
     @classmethod
     def from_environment(cls) -> "Session":
-        return cls(LSAConfig.from_env() if os.environ.get(ENV_VAR) else None)
+        session = cls(LSAConfig.from_env() if os.environ.get(ENV_VAR) else None)
+        session.dense_backend = os.environ.get(DENSE_ENV_VAR) or None
+        return session
 
     @property
     def serving_config(self) -> LSAConfig:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lsa_sglang import gpu_mode
 from lsa_sglang.bench.client import ServerClient
 from lsa_sglang.launch_server import cuda_available, flag_value, sglang_flags
 
@@ -194,7 +195,9 @@ class ManagedServer:
 
 def stock_server(model_path: str, flags: list[str], log: Path, attention_backend: str | None = None,
                  page_size: int | None = None) -> ManagedServer:
-    """Stock SGLang: torch_native on CPU (the CPU engine's only backend here), else its default."""
+    """Stock SGLang: torch_native on CPU (the CPU engine's only backend here), on CUDA its default,
+    or in the GPU mode without sgl-kernel (`gpu_mode`, chosen as the LSA launcher chooses it) its
+    Triton backend with that mode's flags and environment."""
     cmd = [sys.executable, "-m", "sglang.launch_server", "--model-path", model_path]
     env: dict[str, str] = {}
     on_gpu = cuda_available()
@@ -209,7 +212,10 @@ def stock_server(model_path: str, flags: list[str], log: Path, attention_backend
             cmd += ["--device", "cpu"]
         if "--sleep-on-idle" not in flags:  # as the LSA launcher does on CPU: idle, it leaves the cores free
             cmd.append("--sleep-on-idle")
-    return ManagedServer("stock", cmd + flags, log, env)
+    cmd += flags
+    if gpu_mode.choose("auto", on_gpu) == "torch":
+        cmd = gpu_mode.add_flags(cmd, env, stock=True)
+    return ManagedServer("stock", cmd, log, env)
 
 
 def lsa_server(model_path: str, preset: str | os.PathLike[str] | None, flags: list[str], log: Path) -> ManagedServer:

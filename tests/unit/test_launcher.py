@@ -204,3 +204,109 @@ def test_binds_loopback_unless_host_given(tmp_path, capsys):
     argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-config", str(cfg)])
     assert ls.flag_value(argv, "--host") == "0.0.0.0"
     assert capsys.readouterr().err == ""
+
+
+# -- the GPU mode without sgl-kernel (wiring only: no GPU here, so CUDA and the presence of
+# sgl_kernel are stand-ins, named as such) ----------------------------------------------------------
+
+_MODE_ENV = ("SGLANG_FORCE_FUSED_OP_BACKEND", "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK",
+             "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND", "LSA_SGLANG_GPU_MODE")
+
+
+def _fake_cuda_host(monkeypatch, real_sgl_kernel: bool):
+    from lsa_sglang import gpu_mode
+
+    monkeypatch.setattr(ls, "cuda_available", lambda: True)  # stand-in: a CUDA host
+    monkeypatch.setattr(gpu_mode, "real_sgl_kernel", lambda: real_sgl_kernel)  # stand-in
+    for name in _MODE_ENV:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_gpu_mode_without_sgl_kernel_with_stand_ins_for_cuda_and_sgl_kernel(tmp_path, monkeypatch, capsys):
+    _fake_cuda_host(monkeypatch, real_sgl_kernel=False)
+    m = _model_dir(tmp_path)
+    argv, _ = ls.prepare_argv(["--model-path", m])
+    assert ls.flag_value(argv, "--sampling-backend") == "pytorch"
+    assert ls.flag_value(argv, "--cuda-graph-backend-prefill") == "disabled"
+    assert ls.flag_value(argv, "--attention-backend") == "lsa"  # Triton is LSA's dense backend there
+    assert ls.flag_value(argv, "--device") is None  # not the CPU route
+    assert {n: os.environ[n] for n in _MODE_ENV} == {
+        "SGLANG_FORCE_FUSED_OP_BACKEND": "torch", "SGLANG_SKIP_SGL_KERNEL_VERSION_CHECK": "1",
+        "SGLANG_UNIFIED_RADIX_TREE_CORE_BACKEND": "python", "LSA_SGLANG_GPU_MODE": "torch"}
+    err = capsys.readouterr().err
+    assert err.count("GPU mode without sgl-kernel") == 1
+    # a flag given on the command line stays as given
+    argv, _ = ls.prepare_argv(["--model-path", m, "--sampling-backend", "flashinfer"])
+    assert ls.flag_value(argv, "--sampling-backend") == "flashinfer"
+
+
+def test_gpu_mode_is_not_taken_where_sgl_kernel_is_unless_forced(tmp_path, monkeypatch, capsys):
+    _fake_cuda_host(monkeypatch, real_sgl_kernel=True)
+    m = _model_dir(tmp_path)
+    argv, _ = ls.prepare_argv(["--model-path", m])
+    assert ls.flag_value(argv, "--sampling-backend") is None and "LSA_SGLANG_GPU_MODE" not in os.environ
+    assert "GPU mode" not in capsys.readouterr().err
+    argv, _ = ls.prepare_argv(["--model-path", m, "--lsa-gpu-mode", "torch"])
+    assert ls.flag_value(argv, "--sampling-backend") == "pytorch" and os.environ["LSA_SGLANG_GPU_MODE"] == "torch"
+    assert "--lsa-gpu-mode" not in argv
+
+
+def test_gpu_mode_flag_errors(tmp_path, monkeypatch, capsys):
+    _fake_cuda_host(monkeypatch, real_sgl_kernel=False)
+    m = _model_dir(tmp_path)
+    for args, message in ((["--lsa-gpu-mode", "fast"], "--lsa-gpu-mode: expected one of auto, torch, sgl-kernel"),
+                          (["--lsa-gpu-mode", "sgl-kernel"], "no sgl_kernel is importable"),
+                          (["--lsa-dense-backend", "lsa"], "--lsa-dense-backend lsa: expected an SGLang attention"),
+                          (["--lsa-dense-backend", "nope"], "--lsa-dense-backend nope")):
+        with pytest.raises(SystemExit) as e:
+            ls.prepare_argv(["--model-path", m, *args])
+        assert e.value.code == 2
+        assert message in capsys.readouterr().err
+
+
+def test_dense_backend_flag_reaches_the_session(tmp_path, monkeypatch):
+    from lsa_sglang.session import DENSE_ENV_VAR, Session
+
+    monkeypatch.setattr(ls, "cuda_available", lambda: False)
+    monkeypatch.delenv(DENSE_ENV_VAR, raising=False)
+    argv, _ = ls.prepare_argv(["--model-path", _model_dir(tmp_path), "--lsa-dense-backend", "triton"])
+    assert "--lsa-dense-backend" not in argv and os.environ[DENSE_ENV_VAR] == "triton"
+    assert Session.from_environment().dense_backend == "triton"
+
+
+def test_gpu_mode_stock_server_gets_triton_and_the_mode(monkeypatch):
+    """lsa-bench's stock server on a GPU host without sgl-kernel (stand-ins for both)."""
+    from lsa_sglang import gpu_mode
+    from lsa_sglang.bench import servers
+
+    monkeypatch.setattr(servers, "cuda_available", lambda: True)  # stand-in: a CUDA host
+    monkeypatch.setattr(gpu_mode, "real_sgl_kernel", lambda: False)  # stand-in
+    s = servers.stock_server("/m", ["--dtype", "bfloat16"], log=None)
+    assert ls.flag_value(s.cmd, "--attention-backend") == "triton"
+    assert ls.flag_value(s.cmd, "--sampling-backend") == "pytorch"
+    assert s.env["LSA_SGLANG_GPU_MODE"] == "torch" and s.env["SGLANG_FORCE_FUSED_OP_BACKEND"] == "torch"
+    monkeypatch.setattr(gpu_mode, "real_sgl_kernel", lambda: True)
+    s = servers.stock_server("/m", [], log=None)
+    assert ls.flag_value(s.cmd, "--attention-backend") is None and "LSA_SGLANG_GPU_MODE" not in s.env
+
+
+def test_gpu_mode_replaces_the_three_sglang_attributes_in_a_fresh_process():
+    """What the plugin does in every SGLang process when the mode is on (here on CPU: the
+    replaced attributes are read back, not run on a GPU)."""
+    code = (
+        "import os; os.environ['LSA_SGLANG_GPU_MODE'] = 'torch'\n"
+        "from lsa_sglang import plugin; plugin.register()\n"
+        "from sglang.srt.layers.attention import triton_backend as t\n"
+        "from sglang.srt.layers import dual_gemm as d\n"
+        "from sglang.srt.mem_cache import memory_pool as m\n"
+        "fs = (t.is_arch_support_pdl, d.DualGemm._select_mode, m.can_use_store_cache)\n"
+        "print(*(f.__module__ for f in fs), t.is_arch_support_pdl(), d.DualGemm._select_mode(None, None, 4096),"
+        " m.can_use_store_cache(256, 256))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-6:] == ["lsa_sglang.gpu_mode"] * 3 + ["False", "None", "False"]
+    # without the mode, none is replaced
+    plain = subprocess.run([sys.executable, "-c", code.replace("'torch'", "''")], capture_output=True, text=True,
+                           timeout=300)
+    assert "lsa_sglang.gpu_mode" not in plain.stdout
