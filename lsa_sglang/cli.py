@@ -272,6 +272,10 @@ COMMANDS: dict[str, Command] = {
         add_args=_train_args,
         run=_train_run,
     ),
+    "bundle": Command(
+        help="offline SGLang bundle for a GPU host without network: build | install | check",
+        script="lsa_sglang.bundle",
+    ),
     "eval": Command(
         help="recall/precision/F1/keep ratio of a trained indexer vs untrained, recency, random, quest",
         add_args=_eval_args,

@@ -510,7 +510,13 @@ def _throughput_args(p: argparse.ArgumentParser) -> None:
                    help="prompt generator (prose haystacks: no shared prefix the stock radix cache could reuse)")
     p.add_argument("--sample-interval", type=float, default=1.0, help="seconds between server samples")
     p.add_argument("--seed", type=int, default=1000)
+    p.add_argument("--gate-off", type=int, default=0, metavar="N",
+                   help="gate-off check: N more prompts decoded greedily (32 tokens) by stock and by the LSA "
+                        "server with LSA off per request; reports how many are token-identical")
     _add_output_args(p)
+
+
+GATE_OFF_TOKENS = 32
 
 
 def _throughput_run(args: argparse.Namespace) -> int:
@@ -543,9 +549,12 @@ def _throughput_run(args: argparse.Namespace) -> int:
         for c, s in tqdm(jobs, desc="generating prompts", unit="prompt", disable=args.quiet):
             prompts[c].append(generate_sample(args.task, args.context, s, counter).prompt_text)
         warm = generate_sample(args.task, min(args.context, 256), nxt, counter).prompt_text
+        gate_prompts = [generate_sample(args.task, args.context, nxt + 1 + i, counter).prompt_text
+                        for i in range(args.gate_off)]
     except ValueError as e:
         raise CliError(str(e)) from None
     rows: list[dict[str, Any]] = []
+    gate: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="lsa-bench-") as tmp:
         preset = _preset(args, Path(tmp))
         flags = _server_flags(args, preset, args.context + args.output_len + 64, max(levels))
@@ -558,8 +567,11 @@ def _throughput_run(args: argparse.Namespace) -> int:
             if not targets:
                 continue
 
-            def go(client, targets=targets):
+            def go(client, targets=targets, kind=kind):
                 client.generate(warm, 4)  # first-request costs (graphs, allocator) out of the measurement
+                off = None if kind == "stock" else {"enabled": False}
+                gate[kind] = [client.generate(p, GATE_OFF_TOKENS, off, ignore_eos=True).get("output_ids")
+                              for p in gate_prompts]
                 out = []
                 for target in targets:
                     lsa = {"enabled": False} if target == "dense" else args.lsa
@@ -572,6 +584,12 @@ def _throughput_run(args: argparse.Namespace) -> int:
                 return out
 
             rows += servers.run(kind, go)
+    for r in rows:
+        if r["target"] == "lsa" and r.get("lsa_decode_steps"):
+            print(f"LSA at {r['concurrency']} clients: host time added per decode step "
+                  f"{r['lsa_host_ms_per_step']:.2f} ms over {r['lsa_decode_steps']} steps, stall "
+                  f"{r['lsa_stall_seconds']:.2f} s, copied in {r['lsa_bytes_copied'] / 2**20:.0f} MiB, "
+                  f"selection {r['lsa_indexer_seconds']:.2f} s, {r['lsa_windows']} windows")
     base_name = "stock" if "stock" in args.targets else ("dense" if "dense" in args.targets else None)
     print(tp.format_table(rows))
     ratio_rows = []
@@ -586,6 +604,13 @@ def _throughput_run(args: argparse.Namespace) -> int:
                 print(f"LSA/{base_name} at {c} clients: output tok/s {fmt(rr['output_tok_s'])}, admitted max "
                       f"{fmt(rr['admitted_max'])}, device KV mean {fmt(rr['device_kv_bytes_mean'])}, "
                       f"TTFT p50 {fmt(rr['ttft_s_p50'])}, TPOT p50 {fmt(rr['tpot_s_p50'])}")
+    gate_off = None
+    if gate_prompts and len(gate) == 2:
+        same = [a is not None and a == b for a, b in zip(gate["stock"], gate["lsa"])]
+        gate_off = {"prompts": len(same), "tokens": GATE_OFF_TOKENS, "identical": sum(same),
+                    "stock": gate["stock"], "lsa_off": gate["lsa"]}
+        print(f"gate-off: {sum(same)}/{len(same)} greedy answers of the LSA server with LSA off are "
+              f"token-identical to stock's ({GATE_OFF_TOKENS} tokens each)")
     title = (f"{Path(model_path).name}: {args.context}-token prompts, {args.output_len} new tokens, "
              f"max-total-tokens {flag_value(flags, '--max-total-tokens') or 'default'}")
     data = {
@@ -595,7 +620,7 @@ def _throughput_run(args: argparse.Namespace) -> int:
         "config": {"context": args.context, "output_len": args.output_len, "concurrency": levels,
                    "num_requests": n_req, "targets": args.targets, "lsa": args.lsa, "task": args.task},
         "summary": [{k: v for k, v in r.items() if k not in ("timeline", "per_request")} for r in rows],
-        "ratios": ratio_rows, "runs": rows,
+        "ratios": ratio_rows, "gate_off": gate_off, "runs": rows,
     }
     saved, png = _save(args, "throughput", model_path, data,
                        {"kind": "throughput", "label": args.label, "ratios": ratio_rows},
@@ -744,6 +769,8 @@ COMMANDS = {
                            script="lsa_sglang.bench.decode_loop"),
     "planning": Command("per-step sparse decode planning cost: per-request loop vs DecodePlan",
                         script="lsa_sglang.bench.planning"),
+    "dummy-model": Command("a model folder of a named shape for --load-format dummy (config + small tokenizer)",
+                           script="lsa_sglang.bench.dummy_model"),
 }
 
 

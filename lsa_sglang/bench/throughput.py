@@ -189,10 +189,14 @@ def measure(url: str, prompts: Sequence[str], output_len: int, concurrency: int,
     else:
         res["retracted"] = None
     # LSA only: requests that waited in the queue for host-mirror room, window boundaries, those
-    # that swapped in place for lack of spare memory, and the decode's waits on copies
-    for key in ("host_waits", "windows", "sync_swaps", "stall_seconds"):
+    # that swapped in place for lack of spare memory, the decode's waits on copies, bytes copied
+    # in, selection (indexer and scoring) time, and the host time LSA adds to each decode step
+    for key in ("host_waits", "windows", "sync_swaps", "stall_seconds", "bytes_copied", "indexer_seconds",
+                "decode_steps", "decode_host_seconds"):
         res[key if key == "host_waits" else f"lsa_{key}"] = (
             st["server"].get(key, 0) - st0["server"].get(key, 0) if st else None)
+    steps = res["lsa_decode_steps"]
+    res["lsa_host_ms_per_step"] = 1000 * res["lsa_decode_host_seconds"] / steps if steps else None
     res["admitted_max"] = max(running) if running else None
     res["admitted_mean"] = (sum(s["num_running_reqs"] for s in busy if "num_running_reqs" in s)
                             / max(1, sum(1 for s in busy if "num_running_reqs" in s))) if running else None

@@ -22,6 +22,7 @@ Where the chunk tables live: `state.py`; the device pages: `cells.py`; the windo
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from collections import deque
 from dataclasses import asdict
@@ -74,6 +75,7 @@ class LSAMemoryManager:
     def prepare_decode(self, req_pool_indices: list[int], seq_lens: list[int], rids: list[str]):
         """Called once per decode forward, before any layer runs. Returns per request the
         table (None: dense) that attention reads from."""
+        t0 = time.perf_counter()
         tables = []
         queries, rows = self.windows.take_step()
         for i, (idx, seq_len, rid) in enumerate(zip(req_pool_indices, seq_lens, rids)):
@@ -100,6 +102,7 @@ class LSAMemoryManager:
             tables.append(table if table.config.enabled else None)
         if self.config.poison_released:  # test mode: check every invariant every step
             self.check_integrity()
+        self.server.count(decode_steps=1, decode_host_seconds=time.perf_counter() - t0)
         return tables
 
     def _config_for(self, rid: str) -> LSAConfig:

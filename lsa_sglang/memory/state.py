@@ -87,6 +87,8 @@ class ServerStats:
     edge_reselections: int = 0
     copies_released: int = 0
     sibling_reselections: int = 0
+    decode_steps: int = 0  # decode forwards LSA prepared (`LSAMemoryManager.prepare_decode`)
+    decode_host_seconds: float = 0.0  # host time of that preparation, before any layer runs
 
     def count(self, request: RequestStats | None = None, **deltas) -> None:
         """Add to the server's counters and to the request's where it has the same field."""
