@@ -267,10 +267,9 @@ def check(log=print) -> list[str]:
             from lsa_sglang import gpu_mode
 
             replaced = gpu_mode.patch_sglang()
-            import sglang
             import torch
 
-            log(f"bundle check: sglang {sglang.__version__}, torch {torch.__version__}, "
+            log(f"bundle check: sglang {importlib.metadata.version('sglang')}, torch {torch.__version__}, "
                 f"cuda {torch.cuda.is_available()}, real sgl_kernel {gpu_mode.real_sgl_kernel()}, "
                 f"{len(LAUNCH_PATH)} modules imported, plugin registered, replaced: {', '.join(replaced)}")
         except Exception as e:  # noqa: BLE001

@@ -80,7 +80,9 @@ def active() -> bool:
 
 def patch_sglang() -> list[str]:
     """Replace the attributes of `REPLACED`; returns their dotted names. Idempotent."""
-    import importlib
+    from sglang.srt.layers import dual_gemm
+    from sglang.srt.layers.attention import triton_backend
+    from sglang.srt.mem_cache import memory_pool
 
     def false(*args, **kwargs) -> bool:
         return False
@@ -88,12 +90,7 @@ def patch_sglang() -> list[str]:
     def no_dual_gemm(self, *args, **kwargs):
         return None
 
-    done = []
-    for module_name, attr, _ in REPLACED:
-        module = importlib.import_module(module_name)
-        if attr == "DualGemm._select_mode":
-            module.DualGemm._select_mode = no_dual_gemm
-        else:
-            setattr(module, attr, false)
-        done.append(f"{module_name}.{attr}")
-    return done
+    triton_backend.is_arch_support_pdl = false
+    dual_gemm.DualGemm._select_mode = no_dual_gemm
+    memory_pool.can_use_store_cache = false
+    return [f"{module}.{attr}" for module, attr, _ in REPLACED]

@@ -110,5 +110,5 @@ def test_only_the_registered_pieces_import_sglang():
                  if any(n == "sglang" or n.startswith("sglang.") for n in _imported_names(mod, path))}
     assert importers == {
         "lsa_sglang.plugin", "lsa_sglang.attention.backend", "lsa_sglang.memory.radix",
-        "lsa_sglang.launch_server", "lsa_sglang.metrics",
+        "lsa_sglang.launch_server", "lsa_sglang.metrics", "lsa_sglang.gpu_mode",
     }
