@@ -86,6 +86,13 @@ class DeviceCells:
         self.allocator.free(slots)
         self.returned = True
 
+    def order_after(self, event) -> None:
+        """Work queued from now on the device's current stream (a forward writing into pages
+        freed meanwhile, a copy reading host slots) waits for `event`, a side-stream copy out of
+        the pages; the host does not wait. None (a copy complete on return): nothing to order."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
     def copy_pages(self, src: list[int], dst: list[int]) -> None:
         """Device page to device page, every layer."""
         s, d = self.page_slots(src), self.page_slots(dst)

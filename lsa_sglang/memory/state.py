@@ -130,6 +130,7 @@ class ChunkTable:
     copying: list[int] = field(default_factory=list)  # `release_copied`: resident chunks the answer copied at the last step
     listed: set[int] = field(default_factory=set)  # `copy_siblings`: chunks the answer has copied from
     siblings: list[int] = field(default_factory=list)  # `copy_siblings`: other items of the list it copies, next first
+    swapped_in: list[int] = field(default_factory=list)  # chunks in-window swaps copied in since the last boundary, in order
     steps: int = 0  # decode steps since the last window boundary
     seq_len: int = 0  # tokens in the row at the last decode step
     pending: Pending | None = None
@@ -161,6 +162,34 @@ class ChunkTable:
                 assert slot != SENTINEL_SLOT and slot % chunk_size == 0, (c, slot)
             else:
                 assert slot == SENTINEL_SLOT, (c, slot)
+
+
+def carry_swaps(target: set[int], resident: set[int], coming: set[int], brought: list[int],
+                strength=None, movable: range | None = None) -> tuple[set[int], list[int]]:
+    """The set a window boundary swaps in, and the chunks of it to copy back in then.
+
+    `target`: the set selected at the last boundary; `resident`: on the device now; `coming`:
+    target chunks being fetched for it; `brought`: chunks in-window swaps (re-selection, the
+    sibling rule) copied in since that selection, oldest first. Those swaps acted on newer
+    evidence than `target`, so they carry over: a target chunk a swap released (neither
+    resident nor coming) gives its place to a chunk the swaps brought in that `target` lacks
+    (newest first); with `strength` (a chunk's evidence, e.g. re-selection's held shares), a
+    brought chunk stronger than the weakest target chunk in `movable` that is on the device and
+    not being fetched takes its place. Target chunks left without a place are returned to be
+    copied back in, so the set keeps the size it was selected at."""
+    gone = sorted(c for c in target if c not in resident and c not in coming)
+    extra = list(dict.fromkeys(c for c in reversed(brought) if c in resident and c not in target))
+    n = min(len(gone), len(extra))
+    target = (target - set(gone[:n])) | set(extra[:n])
+    lost, extra = gone[n:], extra[n:]
+    if strength is not None and extra:
+        weak = sorted((c for c in target if c in resident and c not in coming and c not in brought
+                       and (movable is None or c in movable)), key=strength)
+        for c, w in zip(sorted(extra, key=strength, reverse=True), weak):
+            if strength(c) <= strength(w):
+                break
+            target = (target - {w}) | {c}
+    return target, lost
 
 
 def chunk_cap(config: LSAConfig) -> int:

@@ -8,7 +8,8 @@
   always filled; during a window, re-selection on evidence (`reselect`: a decode step's queries
   bound what it read of every chunk) swaps one chunk in per step;
 - prefetch (`boundary`): the next window's misses get spare cells and are copied by the
-  Prefetcher while this window decodes, and swap in at the next boundary (`apply`); with no
+  Prefetcher while this window decodes, and swap in at the next boundary (`apply`), where the
+  chunks in-window swaps brought in carry over (`state.carry_swaps`); with no
   spare memory the set swaps in at that same boundary, its misses copied then, after the chunks
   it drops are released (`_swap_now`), so the tokens a request reads do not depend on the load.
 """
@@ -40,7 +41,7 @@ from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
 from lsa_sglang.memory.cells import DeviceCells
 from lsa_sglang.memory.host_mirror import HostMirror, HostMirrorFull, prefix_hashes
 from lsa_sglang.memory.prefetcher import Prefetcher
-from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, chunk_cap, steps_left
+from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, carry_swaps, chunk_cap, steps_left
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +114,14 @@ class WindowCycle:
                 waited = self.prefetcher.wait(pending.future)
                 if waited > 0:
                     self.server.count(table.stats, stalls=1, stall_seconds=waited)
+            target, lost = self._carry_swaps(table, pending)
             if pending.deferred:
-                self._swap_now(table, pending.resident, pending.deferred)
+                self._swap_now(table, target, pending.deferred + lost)
             else:
-                self.apply(table, pending.resident, pending.new_pages)
+                self.apply(table, target - set(lost), pending.new_pages)
+                if lost:  # released by in-window swaps with nothing to take their place
+                    self._swap_now(table, target, lost)
+        table.swapped_in = []
         req = self.req_of(table)
         self.write_through(table, seq_len, req)
         # The set selected now is swapped in at the next boundary: a request that ends before
@@ -130,6 +135,16 @@ class WindowCycle:
             table.rid, seq_len, table.mirrored, len(table.resident),
             None if table.pending is None else len(table.pending.resident), table.stats.stalls,
         )
+
+    def _carry_swaps(self, table: ChunkTable, pending: Pending) -> tuple[set[int], list[int]]:
+        """`state.carry_swaps` for the set `pending` brings: what re-selection and the sibling
+        rule swapped during the window stays, ranked by re-selection's held shares."""
+        held = table.held
+        strength = None if held is None else (lambda c: float(held[c]) if c < held.numel() else 0.0)
+        cand = candidate_chunks(table.mirrored, SelectionParams.from_config(table.config))
+        movable = range(int(cand[0]), int(cand[-1]) + 1) if len(cand) else range(0)
+        return carry_swaps(pending.resident, table.resident, set(pending.new_pages) | set(pending.deferred),
+                           table.swapped_in, strength, movable)
 
     # -- selection -----------------------------------------------------------------------------
     def select(self, table: ChunkTable, seq_len: int, held: set[int] | None = None) -> set[int] | None:
@@ -408,7 +423,10 @@ class WindowCycle:
         keys = [None if s is None else self.host.meta[s] for s in slots]
         if misses:
             pages = [self.cells.page_of(table.req_pool_idx, new[i]) for i in misses]
-            copy_chunks_to_host(self.cells.k_buffers, self.cells.v_buffers, pages, self.host.buffer, fresh)
+            # on CUDA a side-stream copy: nothing may reuse these pages (freed once the set is
+            # selected) or read the slots before it is done
+            self.cells.order_after(copy_chunks_to_host(self.cells.k_buffers, self.cells.v_buffers, pages,
+                                                       self.host.buffer, fresh))
             computed = self.cells.chunk_keys(torch.tensor(pages, device=self.cells.device), self.target_layers)
             computed = [k.cpu() for k in computed]  # the mirror's copy lives on the host
             for n, (i, slot) in enumerate(zip(misses, fresh)):
@@ -502,6 +520,7 @@ class WindowCycle:
         self._load([table.host_slots[c] for c in incoming], pages)
         self.cells.set_rows(table.req_pool_idx, incoming, pages)
         table.resident |= set(incoming)
+        table.swapped_in += incoming
         return True
 
     def _alloc_spare(self, n: int) -> list[int] | None:
