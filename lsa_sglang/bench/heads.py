@@ -7,7 +7,7 @@ answer strings (a value the answer copies), each head of each layer scores a hit
 token it reads most (its largest attention logit) is an answer token equal to that next token. A
 head's retrieval score is its hits over those steps: near 1 for the few heads that copy from
 the prompt, near 0 for those that attend by position or locally. The top ones are the model's
-`attention_heads` (README "Configuration"): window 0 then scores chunks by their attention only.
+`attention_heads` (docs/configuration.md): window 0 then scores chunks by their attention only.
 
     lsa-bench heads --samples 2 --seed 14500 --top 8 --json bench/results/heads-qwen2.5-0.5b.json
 

@@ -3,8 +3,8 @@
 
 Each invalid input must raise the one error type of its layer (LSAConfigError, exit code 2 with
 one stderr line, IndexerCheckpointError) with a message that names the offending field; each
-valid one must be taken exactly as given. The expected outcome comes from the rules in README
-"Configuration", written out here independently of the code under test.
+valid one must be taken exactly as given. The expected outcome comes from the rules in
+docs/configuration.md, written out here independently of the code under test.
 """
 
 from __future__ import annotations
