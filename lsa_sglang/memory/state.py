@@ -31,18 +31,10 @@ class RequestEntry:
     host_waited: bool = False  # counted once in `ServerStats.host_waits`
 
 
-@dataclass
-class RequestStats:
-    rid: str
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-    device_kv_bytes: int = 0
-    peak_device_kv_bytes: int = 0
-    full_kv_bytes: int = 0
-    host_kv_bytes: int = 0
-    selection_metadata_bytes: int = 0  # part of device_kv_bytes
-    budget_tokens: int = 0  # device tokens of the chunks the selection picks (page_budget; budget_fraction)
-    resident_ratio: float = 1.0
+@dataclass(kw_only=True)
+class Counters:
+    """What is counted per request and for the server alike (`ServerStats.count` adds to both)."""
+
     windows: int = 0
     chunks_copied: int = 0
     bytes_copied: int = 0
@@ -56,37 +48,37 @@ class RequestStats:
     sibling_reselections: int = 0  # chunks swapped in as other items of a list the answer copies (`copy_siblings`)
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
+    peak_device_kv_bytes: int = 0
+
+
+@dataclass
+class RequestStats(Counters):
+    rid: str
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+    device_kv_bytes: int = 0
+    full_kv_bytes: int = 0
+    host_kv_bytes: int = 0
+    selection_metadata_bytes: int = 0  # part of device_kv_bytes
+    budget_tokens: int = 0  # device tokens of the chunks the selection picks (page_budget; budget_fraction)
+    resident_ratio: float = 1.0
     policy: str = "indexer"
     lsa_enabled: bool = True
     finished: bool = False
 
 
 @dataclass
-class ServerStats:
+class ServerStats(Counters):
     """Counters over the server's life (`/lsa/stats` "server", with the running totals added)."""
 
     requests_served: int = 0
-    windows: int = 0
-    chunks_copied: int = 0
-    bytes_copied: int = 0
-    stalls: int = 0
-    stall_seconds: float = 0.0
-    indexer_seconds: float = 0.0
-    fallbacks: int = 0
     alloc_denied: int = 0
     host_full: int = 0
-    peak_device_kv_bytes: int = 0
-    prefix_hit_tokens: int = 0
-    host_chunks_shared: int = 0
     device_cells_saved: int = 0
     prefix_host_loaded_tokens: int = 0
     retracted_requests: int = 0
     host_waits: int = 0
     sync_swaps: int = 0
-    reselections: int = 0
-    edge_reselections: int = 0
-    copies_released: int = 0
-    sibling_reselections: int = 0
     decode_steps: int = 0  # decode forwards LSA prepared (`LSAMemoryManager.prepare_decode`)
     decode_host_seconds: float = 0.0  # host time of that preparation, before any layer runs
 
