@@ -30,11 +30,12 @@ ENVIRONMENT = {
 # Flags the mode adds unless the command line gives them.
 FLAGS = (("--sampling-backend", "pytorch"), ("--cuda-graph-backend-prefill", "disabled"))
 ATTENTION_BACKEND = "triton"
-# module, attribute, what it becomes: each reaches sgl-kernel or CUTLASS on CUDA
+# Each reaches sgl-kernel or CUTLASS on CUDA; replaced by: False (no PDL launch), None (no fused
+# dual GEMM), False (KV written by indexing instead of a JIT kernel).
 REPLACED = (
-    ("sglang.srt.layers.attention.triton_backend", "is_arch_support_pdl", "a function returning False"),
-    ("sglang.srt.layers.dual_gemm", "DualGemm._select_mode", "a method returning None (no fused dual GEMM)"),
-    ("sglang.srt.mem_cache.memory_pool", "can_use_store_cache", "a function returning False (KV written by indexing)"),
+    ("sglang.srt.layers.attention.triton_backend", "is_arch_support_pdl"),
+    ("sglang.srt.layers.dual_gemm", "DualGemm._select_mode"),
+    ("sglang.srt.mem_cache.memory_pool", "can_use_store_cache"),
 )
 
 
@@ -93,4 +94,4 @@ def patch_sglang() -> list[str]:
     triton_backend.is_arch_support_pdl = false
     dual_gemm.DualGemm._select_mode = no_dual_gemm
     memory_pool.can_use_store_cache = false
-    return [f"{module}.{attr}" for module, attr, _ in REPLACED]
+    return [f"{module}.{attr}" for module, attr in REPLACED]
