@@ -330,7 +330,7 @@ class LSAMemoryManager:
             self.metrics.update(self.stats()["server"])
 
     def stats(self) -> dict[str, Any]:
-        running = [asdict(t.stats) for t in self.tables.values()]
+        running = [_row(t.stats) for t in self.tables.values()]
         server = asdict(self.server)
         server.update(
             device_kv_bytes=sum(r["device_kv_bytes"] for r in running),
@@ -345,7 +345,7 @@ class LSAMemoryManager:
             device_free_tokens=int(self.cells.allocator.available_size()),
         )
         server["resident_ratio"] = server["device_kv_bytes"] / max(server["full_kv_bytes"], 1)
-        return {"server": server, "requests": running + [asdict(s) for s in self.finished]}
+        return {"server": server, "requests": running + [_row(s) for s in self.finished]}
 
     def check_integrity(self) -> None:
         self.host.check_integrity()
@@ -358,3 +358,8 @@ class LSAMemoryManager:
         assert all(self.host.refs(s) == n for s, n in refs.items())
         for idx, t in self.tables.items():
             t.check_integrity(self.cells.req_to_token[idx], self.cs)
+
+
+def _row(stats: RequestStats) -> dict[str, Any]:
+    """A request's stats, its rid first (the counters it shares with the server come next)."""
+    return {"rid": stats.rid, **asdict(stats)}
