@@ -4,6 +4,7 @@ path on a simulated GPU host (only torch and the host's own packages, no SGLang)
 from __future__ import annotations
 
 import importlib.metadata as md
+import io
 import json
 import os
 import re
@@ -134,8 +135,6 @@ def test_a_built_bundle_serves_the_launch_path_beside_torch_alone(tmp_path):
         data = json.dumps({**json.loads(src.extractfile(bundle.MANIFEST).read()), "python_version": "2.7"}).encode()
         info = tarfile.TarInfo(bundle.MANIFEST)
         info.size = len(data)
-        import io
-
         dst.addfile(info, io.BytesIO(data))
     bad = subprocess.run([sys.executable, "-m", "lsa_sglang.bundle", "install", str(other), "--venv",
                           str(tmp_path / "v2")], capture_output=True, text=True, env=env, cwd=tmp_path)
