@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 import re
 import textwrap
 from collections import defaultdict
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lsa_sglang.bench.client import ServerClient, ServerError
-from lsa_sglang.bench.scoring import all_found, string_match_all
+from lsa_sglang.bench.scoring import rouge_l, score, shared_prefix
 from lsa_sglang.bench.tasks import Sample
 from lsa_sglang.config import POLICIES
 
@@ -54,6 +55,10 @@ VARIANTS = {
     "attention-fixed-budget": ("attention", {"budget_fraction": None}),
     "attention-layers": ("attention", {"attention_heads": None}),
     "attention-layers-spill": ("attention", {"attention_heads": None, "attention_spill": 16}),
+    # the mechanism alone: window 0 from the prefill's attention (every layer), re-selection from
+    # the step's query at once; none of the rules fitted to the RULER templates
+    "attention-core": ("attention", {"attention_spill": 0, "release_copied": 0, "copy_siblings": 0,
+                                     "reselect_after": 0, "attention_first_layer": 0}),
 }
 
 FIRST_LAYER = re.compile(r"attention-from(\d+)")  # the `attention` policy, window 0 from layer N up
@@ -119,10 +124,14 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
         return rec
     meta = out.get("meta_info", {})
     pred = out.get("text", "")
+    match = sample.meta.get("match", "all")
+    got = score(pred, sample.answers, match)
     rec.update(
         prediction=pred,
-        score=string_match_all(pred, sample.answers),
-        all_found=all_found(pred, sample.answers),
+        output_ids=out.get("output_ids"),
+        match=match,
+        score=got,
+        all_found=None if got is None else got == 1.0,
         rid=meta.get("id"),
         prompt_tokens=meta.get("prompt_tokens"),
         completion_tokens=meta.get("completion_tokens"),
@@ -162,37 +171,87 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else math.nan
 
 
-def summarize(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None) -> list[dict[str, Any]]:
-    """One row per (method, length): RULER score per task (mean x 100), their mean, KV ratio."""
+def judge_against(records: Sequence[dict[str, Any]], reference: str = "dense") -> None:
+    """Set, on every record whose prompt the `reference` method also answered: `identical` (the
+    same greedy tokens), `shared_prefix` (leading tokens in common) and `reference_tokens`; a
+    record of a task judged against the reference (match "dense") gets its score, the ROUGE-L F1
+    of its tokens against the reference's."""
+    key = lambda r: (r["task"], r["length"], r.get("seed"))  # noqa: E731
+    refs = {key(r): r for r in records if r["method"] == reference and r.get("output_ids") is not None}
+    for r in records:
+        ref = refs.get(key(r))
+        if ref is None or r.get("output_ids") is None:
+            continue
+        mine, theirs = r["output_ids"], ref["output_ids"]
+        r.update(identical=mine == theirs, shared_prefix=shared_prefix(mine, theirs), reference_tokens=len(theirs))
+        if r.get("match") == "dense":
+            r.update(score=rouge_l(mine, theirs), all_found=mine == theirs)
+
+
+def bootstrap_ci(by_task: dict[str, list[float]], n: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of the mean over tasks of each task's mean (x 100), prompts resampled within
+    their task (percentile bootstrap, a fixed seed so a table is reproducible)."""
+    groups = [v for v in by_task.values() if v]
+    if not groups:
+        return math.nan, math.nan
+    rng = random.Random(seed)
+    stats = sorted(sum(sum(rng.choices(v, k=len(v))) / len(v) for v in groups) / len(groups) for _ in range(n))
+    return 100 * stats[int(0.025 * n)], 100 * stats[int(0.975 * n) - 1]
+
+
+def summarize(records: Sequence[dict[str, Any]], method_order: Sequence[str] | None = None,
+              reference: str = "dense") -> list[dict[str, Any]]:
+    """One row per (method, length): score per task (mean x 100), their mean with a bootstrap 95%
+    interval, KV ratio; where the `reference` method answered the same prompts (`judge_against`),
+    the paired difference to it with its interval and the share of token-identical answers."""
     groups: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["method"], r["length"])].append(r)
+    key = lambda r: (r["task"], r.get("seed"))  # noqa: E731
     order = {m: i for i, m in enumerate(method_order or [])}
     rows = []
     for (method, length), recs in sorted(groups.items(), key=lambda kv: (kv[0][1], order.get(kv[0][0], 99), kv[0][0])):
         by_task: dict[str, list[float]] = defaultdict(list)
         for r in recs:
-            by_task[r["task"]].append(r["score"])
+            if r["score"] is not None:
+                by_task[r["task"]].append(r["score"])
         tasks = {t: 100 * _mean(v) for t, v in by_task.items()}
         ratios = [r["kv_ratio"] for r in recs if r.get("kv_ratio") is not None]
-        rows.append({
+        found = [float(r["all_found"]) for r in recs if r.get("all_found") is not None]
+        row = {
             "method": method, "policy": recs[0]["policy"], "budget": recs[0]["budget"], "length": length,
-            "tasks": tasks, "mean": _mean(list(tasks.values())),
-            "all_found": 100 * _mean([float(r["all_found"]) for r in recs]),
-            "kv_ratio": _mean(ratios) if ratios else None, "n": len(recs),
+            "tasks": tasks, "mean": _mean(list(tasks.values())), "ci": bootstrap_ci(by_task),
+            "all_found": 100 * _mean(found), "kv_ratio": _mean(ratios) if ratios else None, "n": len(recs),
             "errors": sum(1 for r in recs if r.get("error")),
-        })
+        }
+        ref = {key(r): r["score"] for r in groups.get((reference, length), []) if r["score"] is not None}
+        diffs: dict[str, list[float]] = defaultdict(list)
+        for r in recs:
+            if r["score"] is not None and key(r) in ref:
+                diffs[r["task"]].append(r["score"] - ref[key(r)])
+        same = [r for r in recs if "identical" in r]
+        if diffs and method != reference:
+            row.update(delta=100 * _mean([_mean(v) for v in diffs.values()]), delta_ci=bootstrap_ci(diffs))
+        if same:
+            row.update(identical=100 * _mean([float(r["identical"]) for r in same]),
+                       shared_prefix=_mean([r["shared_prefix"] / max(r["reference_tokens"], 1) for r in same]))
+        rows.append(row)
     return rows
 
 
 def format_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
-    """Plain-text table: method, length, score per task, mean, all-found %, KV ratio, n."""
-    head = ["method", "length", *tasks, "mean", "all%", "KV ratio", "n"]
+    """Plain-text table: method, length, score per task, mean with its 95% interval, the paired
+    difference to dense with its interval, token-identical answers %, all-found %, KV ratio, n."""
+    head = ["method", "length", *tasks, "mean", "95% CI", "vs dense", "same%", "all%", "KV ratio", "n"]
+    span = lambda lo, hi: "-" if math.isnan(lo) else f"[{lo:.1f}, {hi:.1f}]"  # noqa: E731
     lines = []
     for r in rows:
         cells = [r["method"], str(r["length"])]
         cells += [f"{r['tasks'][t]:.1f}" if t in r["tasks"] else "-" for t in tasks]
-        cells += [f"{r['mean']:.1f}", f"{r['all_found']:.0f}",
+        cells += [f"{r['mean']:.1f}", span(*r["ci"]),
+                  f"{r['delta']:+.1f} {span(*r['delta_ci'])}" if "delta" in r else "-",
+                  f"{r['identical']:.0f}" if "identical" in r else "-",
+                  "-" if math.isnan(r["all_found"]) else f"{r['all_found']:.0f}",
                   "n/a" if r["kv_ratio"] is None else f"{r['kv_ratio']:.3f}",
                   str(r["n"]) + (f" ({r['errors']} err)" if r["errors"] else "")]
         lines.append(cells)

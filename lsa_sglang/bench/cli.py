@@ -404,7 +404,8 @@ def _accuracy_run(args: argparse.Namespace) -> int:
 
 
 def _row_brief(r: dict[str, Any]) -> dict[str, Any]:
-    return {k: r[k] for k in ("method", "length", "mean", "kv_ratio", "n")}
+    return {k: r[k] for k in ("method", "length", "mean", "ci", "delta", "delta_ci", "identical", "kv_ratio", "n")
+            if k in r}
 
 
 def _report_paths(saved: Path | None, png: Path | None, args: argparse.Namespace) -> None:
@@ -430,7 +431,8 @@ def _compare_args(p: argparse.ArgumentParser) -> None:
 def _compare_run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from lsa_sglang.bench.accuracy import build_methods, format_table, plot_accuracy_vs_kv, run_suite, summarize
+    from lsa_sglang.bench.accuracy import (build_methods, format_table, judge_against, plot_accuracy_vs_kv,
+                                           run_suite, summarize)
     from lsa_sglang.bench.results import run_metadata
     from lsa_sglang.bench.tasks import get_task
     from lsa_sglang.bench.tokens import load_hf_tokenizer
@@ -468,6 +470,7 @@ def _compare_run(args: argparse.Namespace) -> int:
 
             records += servers.run(kind, go)
     labels = [m.label for m in methods]
+    judge_against(records)
     rows = summarize(records, labels)
     cached = sum(int(r.get("cached_tokens") or 0) for r in records)
     notes.append(f"prompt tokens served from the prefix cache over the run: {cached}")

@@ -50,9 +50,10 @@ class Sample:
 
 @dataclasses.dataclass
 class Draft:
-    """A task instance before fitting: `render(units, pad_words)` -> instruction + context + question."""
+    """A task instance before fitting: `render(units, pad_words)` -> instruction + context + question
+    (or a conversation: role/content dicts)."""
 
-    render: Callable[[int, int], str]
+    render: Callable[[int, int], str | list[dict[str, str]]]
     answer_prefix: str
     answers: list[str]
     meta: dict[str, Any]
@@ -422,6 +423,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
+# The real-text tasks build on the helpers above.
+from lsa_sglang.bench.realtext import TASKS as _REAL_TEXT  # noqa: E402
+
+TASKS.update({t.name: t for t in _REAL_TEXT})
+REAL_TEXT_TASKS = tuple(t.name for t in _REAL_TEXT)
+
+
 def task_names() -> list[str]:
     return list(TASKS)
 
@@ -436,15 +444,18 @@ def get_task(name: str) -> TaskSpec:
 # --- fitting ------------------------------------------------------------------------------------
 
 
-def wrap_prompt(body: str, answer_prefix: str, counter: TokenCounter, template: str) -> str:
+def wrap_prompt(body: str | list[dict[str, str]], answer_prefix: str, counter: TokenCounter, template: str) -> str:
     """The text sent to /generate: the chat template around the task (if used), then the answer
-    prefix the model continues from, as RULER does."""
+    prefix the model continues from, as RULER does. A body that is a conversation (role/content
+    dicts) becomes the template's turns, or "User: ..." / "Assistant: ..." paragraphs in raw text."""
     prefix = answer_prefix.strip()
     if template == "chat":
         chat = counter.chat(body)
         if chat is None:
             raise ValueError(f"tokenizer {counter.name} has no chat template; use template='raw'")
         return chat + prefix
+    if not isinstance(body, str):
+        body = "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in body) + "\n\nAssistant:"
     return body + (" " + prefix if prefix else "")
 
 

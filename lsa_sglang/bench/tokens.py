@@ -22,8 +22,9 @@ class TokenCounter(Protocol):
 
     def count(self, text: str) -> int: ...
 
-    def chat(self, user_message: str) -> str | None:
-        """The chat-templated text of one user turn ready for the assistant, or None if no template."""
+    def chat(self, messages: str | list[dict[str, str]]) -> str | None:
+        """The chat-templated text of one user turn (a str) or of a conversation (role/content
+        dicts) ready for the assistant's next turn, or None if no template."""
         ...
 
 
@@ -37,12 +38,12 @@ class HFTokenCounter:
     def count(self, text: str) -> int:
         return len(self.tokenizer(text)["input_ids"])
 
-    def chat(self, user_message: str) -> str | None:
+    def chat(self, messages: str | list[dict[str, str]]) -> str | None:
         if not getattr(self.tokenizer, "chat_template", None):
             return None
-        return self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], tokenize=False, add_generation_prompt=True
-        )
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 class ServerTokenCounter:
@@ -61,7 +62,7 @@ class ServerTokenCounter:
         data = r.json()
         return int(data["count"]) if "count" in data else len(data["tokens"])
 
-    def chat(self, user_message: str) -> str | None:
+    def chat(self, messages: str | list[dict[str, str]]) -> str | None:
         return None
 
 
@@ -75,7 +76,7 @@ class FnTokenCounter:
     def count(self, text: str) -> int:
         return int(self.fn(text))
 
-    def chat(self, user_message: str) -> str | None:
+    def chat(self, messages: str | list[dict[str, str]]) -> str | None:
         return None
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from lsa_sglang.bench import TASKS, Sample, generate_sample, mean_percent, string_match_all
 from lsa_sglang.bench.scoring import all_found, clean_prediction
-from lsa_sglang.bench.tasks import _largest_fitting, insert_sentences, noise_words, wrap_prompt
+from lsa_sglang.bench.tasks import REAL_TEXT_TASKS, _largest_fitting, insert_sentences, noise_words, wrap_prompt
 from lsa_sglang.bench.tokens import FnTokenCounter, as_counter
 
 TOLERANCE = 8  # tokens below the target a fitted prompt may land (never above)
@@ -56,7 +56,8 @@ def test_same_seed_same_prompt_other_seed_other_prompt(task, smollm_tok, request
     c = generate_sample(task, 600, 8, smollm_tok)
     assert a == b
     assert a.prompt_text != c.prompt_text
-    assert a.answers != c.answers
+    if task not in REAL_TEXT_TASKS:  # those draw from a finite set of questions, or have none
+        assert a.answers != c.answers
 
 
 @pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "niah_multivalue", "vt", "passkey", "kv_retrieval"])
@@ -76,7 +77,11 @@ def test_prompt_length_within_tolerance_in_model_tokens(task, length, smollm_tok
         with pytest.raises(ValueError, match="without a haystack already has"):
             generate_sample(task, length, 1, smollm_tok)
         return
-    s = generate_sample(task, length, 1, smollm_tok)
+    try:
+        s = generate_sample(task, length, 1, smollm_tok)
+    except ValueError as e:  # a real document (a reference section, a function) may alone be longer
+        assert task in REAL_TEXT_TASKS and length == 300 and "without a haystack already has" in str(e)
+        return
     assert s.n_tokens == smollm_tok.count(s.prompt_text)  # the count is of the exact text sent
     assert length - TOLERANCE <= s.n_tokens <= length, (s.n_tokens, s.meta)
     assert s.target_tokens == length and s.task == task and s.seed == 1
@@ -246,12 +251,19 @@ def test_string_match_all_on_known_answers():
 
 
 def test_scores_of_generated_answers_themselves_are_perfect(smollm_tok, request):
-    """A prediction that lists the expected strings scores 1 on every task; an empty one 0."""
+    """A prediction that lists the expected strings scores 1 on every task; an empty one 0
+    (a summary has no expected strings: it is judged against dense's answer)."""
+    from lsa_sglang.bench.scoring import score
+
     for task in TASKS:
         _needs(task, request)
-        s = generate_sample(task, 500, 0, smollm_tok)
-        assert string_match_all(", ".join(s.answers), s.answers) == 1.0
-        assert string_match_all("", s.answers) == 0.0
+        s = generate_sample(task, 1500, 0, smollm_tok)
+        match = s.meta.get("match", "all")
+        if match == "dense":
+            assert s.answers == [] and score("anything", s.answers, match) is None
+            continue
+        assert score(", ".join(s.answers), s.answers, match) == 1.0
+        assert score("", s.answers, match) == 0.0
 
 
 def test_mean_percent():
