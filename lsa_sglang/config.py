@@ -302,7 +302,10 @@ class LSAConfig:
         return tuple(f.name for f in dataclasses.fields(cls))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None, base_dir: Path | None = None) -> "LSAConfig":
+    def from_dict(cls, data: dict[str, Any] | None, base_dir: Path | None = None, *,
+                  refuse_inert: bool = True) -> "LSAConfig":
+        """The config `data` sets, the rest defaults. `refuse_inert`: a field `data` names that does
+        nothing under the result is an error (off for a serialized config, which names them all)."""
         if data is None:
             data = {}
         if not isinstance(data, dict):
@@ -325,7 +328,11 @@ class LSAConfig:
         if isinstance(ckpt, str) and ckpt and "\0" not in ckpt and base_dir is not None and not os.path.isabs(ckpt):
             # Relative checkpoint paths are relative to the YAML file, not the CWD.
             data["indexer_checkpoint"] = str((base_dir / ckpt).resolve())
-        return cls(**data)
+        config = cls(**data)
+        inert = config.inert_error(data) if refuse_inert else None
+        if inert:
+            raise LSAConfigError("lsa config field " + inert)
+        return config
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "LSAConfig":
@@ -340,7 +347,7 @@ class LSAConfig:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise LSAConfigError(f"lsa config is not valid JSON: {e}") from None
-        return cls.from_dict(data)
+        return cls.from_dict(data, refuse_inert=False)
 
     @classmethod
     def from_env(cls) -> "LSAConfig":
@@ -354,6 +361,37 @@ class LSAConfig:
 
     def replace(self, **changes: Any) -> "LSAConfig":
         return dataclasses.replace(self, **changes)
+
+    def inert_error(self, given: Any) -> str | None:
+        """Why a field in `given` (the names a user set) does nothing under this config: its
+        policy or prerequisite is off (None: each one acts, is at its default, which turns it
+        off or leaves it as it would be, or LSA is off altogether)."""
+        if not self.enabled:
+            return None
+        defaults = LSAConfig.__dataclass_fields__
+        for name in sorted(set(given) & set(_PREREQUISITES)):
+            need, holds = _PREREQUISITES[name]
+            if getattr(self, name) != defaults[name].default and not holds(self):
+                return f"'{name}': does nothing unless {need}; set that or drop '{name}'"
+        return None
+
+
+def _attention(c: LSAConfig) -> bool:
+    return c.policy == "attention"
+
+
+# field -> (what it needs, as a message says it; the test): a field set where it does nothing
+# is refused, so a preset says only what it runs
+_PREREQUISITES: dict[str, tuple[str, Any]] = {
+    **{name: ("policy is attention", _attention) for name in (
+        "attention_rows", "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
+        "attention_later", "reselect")},
+    **{name: ("reselect is quest (policy: attention)", lambda c: c.reselects) for name in (
+        "reselect_after", "held_decay", "reselect_edge", "release_copied")},
+    "copy_siblings": ("release_copied is above 0 (reselect: quest)", lambda c: c.reselects and c.release_copied > 0),
+    "edge_pages": ("reselect_edge is true (reselect: quest)", lambda c: c.reselects and c.reselect_edge),
+    "needle_fallback": ("policy is indexer", lambda c: c.policy == "indexer"),
+}
 
 
 def read_preset(path: str | os.PathLike) -> tuple[LSAConfig, dict[str, Any]]:

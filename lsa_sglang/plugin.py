@@ -120,9 +120,12 @@ def parse_overrides(custom_params, base=None) -> dict:
     over = with_heads_tuples(budget_from_tokens(over, base.chunk_size * base.chunks_per_page, "lsa request override"))
     # Values alone: a budget that admits every min_pages and the other way round.
     try:
-        base.replace(**{"page_budget": MAX_COUNT, "min_pages": 0, **over})
+        merged = base.replace(**{"page_budget": MAX_COUNT, "min_pages": 0, **over})
     except LSAConfigError as e:
         raise LSAConfigError(str(e).replace("lsa config field", "lsa request override", 1)) from None
+    inert = merged.inert_error(over)
+    if inert:
+        raise LSAConfigError("lsa request override " + inert)
     budget = over.get("page_budget", base.page_budget)
     min_pages = over.get("min_pages", base.min_pages)
     if min_pages > budget:

@@ -145,7 +145,8 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
                    lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
                    fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"),
                    reselections=st.get("reselections"), edge_reselections=st.get("edge_reselections"),
-                   copies_released=st.get("copies_released"), sibling_reselections=st.get("sibling_reselections"))
+                   copies_released=st.get("copies_released"), sibling_reselections=st.get("sibling_reselections"),
+                   lookahead_wanted=st.get("lookahead_wanted"), lookahead_hits=st.get("lookahead_hits"))
     elif method.server == "stock":
         rec.update(kv_ratio=1.0, kv_source="stock keeps the full KV on the device")
     return rec
@@ -229,6 +230,9 @@ def summarize(records: Sequence[dict[str, Any]], method_order: Sequence[str] | N
         for r in recs:
             if r["score"] is not None and key(r) in ref:
                 diffs[r["task"]].append(r["score"] - ref[key(r)])
+        wanted = sum(r.get("lookahead_wanted") or 0 for r in recs)
+        if wanted:
+            row["lookahead_hit_rate"] = sum(r.get("lookahead_hits") or 0 for r in recs) / wanted
         same = [r for r in recs if "identical" in r]
         if diffs and method != reference:
             row.update(delta=100 * _mean([_mean(v) for v in diffs.values()]), delta_ci=bootstrap_ci(diffs))

@@ -46,6 +46,11 @@ class Counters:
     edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
     copies_released: int = 0  # copies of a resident chunk that ended, its hold started again (`release_copied`)
     sibling_reselections: int = 0  # chunks swapped in as other items of a list the answer copies (`copy_siblings`)
+    # `reselect`: chunks a decode step's own scoring ranks in its top (as many as the set holds),
+    # and of those the ones already on the device or being prefetched: the window's set as a
+    # prediction of what the steps read (hit rate = lookahead_hits / lookahead_wanted)
+    lookahead_wanted: int = 0
+    lookahead_hits: int = 0
     prefix_hit_tokens: int = 0
     host_chunks_shared: int = 0
     peak_device_kv_bytes: int = 0

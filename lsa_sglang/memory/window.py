@@ -218,6 +218,7 @@ class WindowCycle:
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
         raise_held(held, share, table.config.held_decay)
+        self._count_lookahead(table, share, lo, hi)
         req = self.req_of(table)
         if table.config.release_copied and req is not None:
             watched = [c for c in table.resident if lo <= c < hi]
@@ -244,6 +245,16 @@ class WindowCycle:
             table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
         self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
+
+    def _count_lookahead(self, table: ChunkTable, share: torch.Tensor, lo: int, hi: int) -> None:
+        """`lookahead_wanted` / `lookahead_hits`: the step's top chunks by its own shares, as many
+        as the set holds among the candidates, and how many of them are resident or pending."""
+        ready = table.resident | (table.pending.resident if table.pending is not None else set())
+        k = min(sum(1 for c in table.resident if lo <= c < hi), hi - lo)
+        if k == 0:
+            return
+        top = torch.topk(share, k).indices.add_(lo).tolist()
+        self.server.count(table.stats, lookahead_wanted=k, lookahead_hits=sum(c in ready for c in top))
 
     def _siblings(self, table: ChunkTable, req, lo: int, hi: int, held: torch.Tensor) -> None:
         """The sibling rule (`copy_siblings`), when a copy starts or ends: when the answer copies

@@ -174,3 +174,32 @@ def test_budget_fraction_grows_the_budget_with_the_prompt_in_whole_pages(prompt,
 ])
 def test_chunk_keys_kept_only_for_a_selection_that_reads_them(fields, reads):
     assert LSAConfig(**fields).reads_chunk_keys is reads
+
+
+def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
+    from lsa_sglang.plugin import parse_overrides
+
+    preset = tmp_path / "quest.yaml"
+    preset.write_text("policy: quest\nattention_spill: 4\n")
+    with pytest.raises(LSAConfigError, match=r"^lsa config field 'attention_spill': does nothing unless policy is "
+                                             r"attention; set that or drop 'attention_spill'$"):
+        read_preset(preset)
+    with pytest.raises(LSAConfigError, match=r"'release_copied': does nothing unless reselect is quest"):
+        LSAConfig.from_dict({"release_copied": 2})  # reselect is off by default
+    with pytest.raises(LSAConfigError, match=r"'edge_pages': does nothing unless reselect_edge is true"):
+        LSAConfig.from_dict({"reselect": "quest", "edge_pages": 1})
+    with pytest.raises(LSAConfigError, match=r"'needle_fallback': does nothing unless policy is indexer"):
+        LSAConfig.from_dict({"needle_fallback": False})
+    # turning a rule off per request, with the rule that depends on it: both at their defaults
+    assert parse_overrides({"lsa": {"release_copied": 0, "copy_siblings": 0}},
+                           LSAConfig(reselect="quest", release_copied=3, copy_siblings=4)) == \
+        {"release_copied": 0, "copy_siblings": 0}
+    on = LSAConfig.from_dict({"reselect": "quest", "release_copied": 2, "copy_siblings": 4})
+    assert on.copy_siblings == 4
+    assert LSAConfig.from_dict({"enabled": False, "release_copied": 2}).release_copied == 2  # LSA off: nothing acts
+    assert LSAConfig.from_dict({"release_copied": 0, "edge_pages": 0}).release_copied == 0  # at the default: off
+    assert LSAConfig.from_json(on.to_json()) == on  # a serialized config names every field
+    # per request: fields the server's preset sets are not the request's; the ones it sends are
+    assert parse_overrides({"lsa": {"policy": "quest"}}, on) == {"policy": "quest"}
+    with pytest.raises(LSAConfigError, match=r"^lsa request override 'release_copied': does nothing unless"):
+        parse_overrides({"lsa": {"policy": "quest", "release_copied": 2}}, on)

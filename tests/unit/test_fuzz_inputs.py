@@ -166,6 +166,21 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
     if merged.get("copy_siblings", 0) > merged.get("chunk_size", 64) or (
             merged.get("copy_siblings", 0) and not merged.get("release_copied", 0)):
         bad.add("copy_siblings")
+    if not bad and merged.get("enabled", True) is True:
+        # a field given where it does nothing: its policy or prerequisite is off
+        policy = merged.get("policy", "attention")
+        reselects = policy == "attention" and merged.get("reselect", "off") == "quest"
+        acts = {
+            **{k: policy == "attention" for k in ("attention_rows", "attention_per_head", "attention_spill",
+                                                  "attention_first_layer", "attention_heads", "attention_later",
+                                                  "reselect")},
+            **{k: reselects for k in ("reselect_after", "held_decay", "reselect_edge", "release_copied")},
+            "copy_siblings": reselects and merged.get("release_copied", 0) > 0,
+            "edge_pages": reselects and merged.get("reselect_edge", False) is True,
+            "needle_fallback": policy == "indexer",
+        }
+        default = LSAConfig()
+        bad |= {k for k in data if k in acts and not acts[k] and data[k] != getattr(default, k)}
     return bad
 
 

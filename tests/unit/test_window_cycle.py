@@ -147,3 +147,19 @@ def test_write_through_orders_its_side_stream_copy_before_the_pages_are_reused_w
                         lambda device=None: SimpleNamespace(wait_event=waited.append))
     cycle.write_through(table, 3 * CS + 1)
     assert table.mirrored == 3 and waited == [event]
+
+
+def test_lookahead_hits_count_the_steps_top_chunks_already_resident_or_prefetched():
+    """A step whose own shares rank chunks 2, 5, 6 highest, with {1, 2, 3} of the candidates
+    resident (3 wanted): one hit; with 5 being prefetched for the next window, two."""
+    config = LSAConfig(chunk_size=CS, tau=4, sink_chunks=1, recent_tokens=CS, page_budget=3, policy="recency")
+    cycle, table = _cycle(10, {0, 1, 2, 3}, config)
+    lo, hi = 1, 9
+    share = torch.zeros(hi - lo)
+    share[[2 - lo, 5 - lo, 6 - lo]] = torch.tensor([0.3, 0.5, 0.2])
+    cycle._count_lookahead(table, share, lo, hi)
+    assert (table.stats.lookahead_wanted, table.stats.lookahead_hits) == (3, 1)
+    table.pending = Pending({0, 1, 2, 5}, {}, None, deferred=[5])
+    cycle._count_lookahead(table, share, lo, hi)
+    assert (table.stats.lookahead_wanted, table.stats.lookahead_hits) == (6, 3)
+    assert (cycle.server.lookahead_wanted, cycle.server.lookahead_hits) == (6, 3)
