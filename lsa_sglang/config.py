@@ -394,8 +394,49 @@ _PREREQUISITES: dict[str, tuple[str, Any]] = {
 }
 
 
+# The fields a user sets; every other field is a selection rule or a test switch, which a preset
+# lists under `experimental:` (per-request overrides and the JSON the launcher hands on are flat).
+USER_FIELDS = ("enabled", "chunk_size", "tau", "sink_chunks", "recent_tokens", "page_budget", "budget_tokens",
+               "host_pool_gb", "policy", "kernel", "indexer_checkpoint")
+EXPERIMENTAL = "experimental"
+
+
+def experimental_fields() -> tuple[str, ...]:
+    return tuple(f for f in LSAConfig.field_names() if f not in USER_FIELDS)
+
+
+def nest_preset(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat field: value map as a preset holds it: the experimental fields under `experimental:`."""
+    inner = {k: v for k, v in flat.items() if k in experimental_fields()}
+    top = {k: v for k, v in flat.items() if k not in inner}
+    return {**top, EXPERIMENTAL: inner} if inner else top
+
+
+def flatten_preset(data: dict[str, Any]) -> dict[str, Any]:
+    """A preset's fields as one flat map. An experimental field at the top level, or a field users
+    set under `experimental:`, is refused with where it belongs."""
+    data = dict(data)
+    inner = data.pop(EXPERIMENTAL, None)
+    if inner is None:
+        inner = {}
+    if not isinstance(inner, dict):
+        raise LSAConfigError(f"lsa config field '{EXPERIMENTAL}': expected a mapping of field: value, got {show(inner)}")
+    exp = experimental_fields()
+    misplaced = sorted(show_key(k) for k in data if k in exp)
+    if misplaced:
+        raise LSAConfigError(f"lsa config field '{misplaced[0]}': experimental; put it under '{EXPERIMENTAL}:'")
+    for key in sorted(inner, key=show_key):
+        if key in USER_FIELDS:
+            raise LSAConfigError(f"lsa config field '{EXPERIMENTAL}.{key}': a field users set; put it at the top level")
+        if key not in exp:
+            raise LSAConfigError(f"lsa config field '{EXPERIMENTAL}.{show_key(key)}': unknown field; experimental "
+                                 f"fields are " + ", ".join(exp))
+    return {**data, **inner}
+
+
 def read_preset(path: str | os.PathLike) -> tuple[LSAConfig, dict[str, Any]]:
-    """A preset YAML: LSAConfig fields plus an optional `sglang:` map of default server flags."""
+    """A preset YAML: the fields users set, the others under `experimental:`, plus an optional
+    `sglang:` map of default server flags."""
     import yaml
 
     p = Path(path)
@@ -418,7 +459,8 @@ def read_preset(path: str | os.PathLike) -> tuple[LSAConfig, dict[str, Any]]:
             f"lsa config file {p} must hold a mapping of field: value, got {type(data).__name__}"
         )
     sglang_defaults = data.pop("sglang", None)
-    return LSAConfig.from_dict(data, base_dir=p.parent.resolve()), _check_sglang_map(sglang_defaults)
+    fields = flatten_preset(data)
+    return LSAConfig.from_dict(fields, base_dir=p.parent.resolve()), _check_sglang_map(sglang_defaults)
 
 
 def _yaml_problem(e: Exception) -> str:
@@ -461,6 +503,9 @@ __all__ = [
     "LSAConfigError",
     "ENV_VAR",
     "read_preset",
+    "nest_preset",
+    "flatten_preset",
+    "USER_FIELDS",
     "ENSEMBLES",
     "POLICIES",
     "KERNELS",

@@ -86,12 +86,18 @@ def write_preset(base: str | os.PathLike[str], changes: dict[str, Any], folder: 
     """A copy of preset `base` with some LSA fields changed (e.g. a trained indexer checkpoint)."""
     import yaml
 
+    from lsa_sglang.config import flatten_preset, nest_preset
+
     data = yaml.safe_load(Path(base).read_text()) or {}
+    sglang = data.pop("sglang", None)
+    data = flatten_preset(data)
     ckpt = data.get("indexer_checkpoint")
     if isinstance(ckpt, str) and ckpt and not os.path.isabs(ckpt):
         # Relative to the preset it came from, not to the copy's folder.
         data["indexer_checkpoint"] = str((Path(base).resolve().parent / ckpt).resolve())
-    data.update(changes)
+    data = nest_preset({**data, **changes})
+    if sglang is not None:
+        data["sglang"] = sglang
     out = folder / "lsa-bench-preset.yaml"
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out

@@ -86,7 +86,7 @@ def test_unknown_field_lists_known_fields():
 def test_yaml_round_trip_and_env(tmp_path, monkeypatch):
     p = tmp_path / "c.yaml"
     p.write_text(
-        "chunk_size: 32\ntarget_layers: [3, 7]\nindexer_checkpoint: ckpt/x.safetensors\n"
+        "chunk_size: 32\nindexer_checkpoint: ckpt/x.safetensors\nexperimental:\n  target_layers: [3, 7]\n"
         "sglang:\n  dtype: float32\n  disable_radix_cache: true\n"
     )
     cfg, sglang_defaults = read_preset(p)
@@ -180,7 +180,7 @@ def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
     from lsa_sglang.plugin import parse_overrides
 
     preset = tmp_path / "quest.yaml"
-    preset.write_text("policy: quest\nattention_spill: 4\n")
+    preset.write_text("policy: quest\nexperimental:\n  attention_spill: 4\n")
     with pytest.raises(LSAConfigError, match=r"^lsa config field 'attention_spill': does nothing unless policy is "
                                              r"attention; set that or drop 'attention_spill'$"):
         read_preset(preset)
@@ -203,3 +203,24 @@ def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
     assert parse_overrides({"lsa": {"policy": "quest"}}, on) == {"policy": "quest"}
     with pytest.raises(LSAConfigError, match=r"^lsa request override 'release_copied': does nothing unless"):
         parse_overrides({"lsa": {"policy": "quest", "release_copied": 2}}, on)
+
+
+def test_experimental_fields_live_under_experimental(tmp_path):
+    from lsa_sglang.config import USER_FIELDS, nest_preset
+
+    p = tmp_path / "p.yaml"
+    p.write_text("chunk_size: 32\nexperimental:\n  reselect: quest\n  release_copied: 3\n")
+    cfg, _ = read_preset(p)
+    assert (cfg.chunk_size, cfg.reselect, cfg.release_copied) == (32, "quest", 3)
+    for text, message in (
+        ("reselect: quest\n", r"^lsa config field 'reselect': experimental; put it under 'experimental:'$"),
+        ("experimental:\n  chunk_size: 32\n", r"'experimental.chunk_size': a field users set; put it at the top level"),
+        ("experimental:\n  chunksize: 32\n", r"'experimental.chunksize': unknown field; experimental fields are "),
+        ("experimental: [1]\n", r"'experimental': expected a mapping of field: value, got \[1\]"),
+    ):
+        p.write_text(text)
+        with pytest.raises(LSAConfigError, match=message):
+            read_preset(p)
+    flat = {"chunk_size": 32, "tau": 16, "reselect": "quest"}
+    assert nest_preset(flat) == {"chunk_size": 32, "tau": 16, "experimental": {"reselect": "quest"}}
+    assert set(USER_FIELDS) - {"budget_tokens"} < set(LSAConfig.field_names())

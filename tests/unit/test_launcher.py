@@ -60,7 +60,7 @@ def test_page_size_must_match_chunk_size(tmp_path):
 
 def test_target_layers_checked_against_model(tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("target_layers: [2, 40]\n")
+    cfg.write_text("experimental:\n  target_layers: [2, 40]\n")
     with pytest.raises(SystemExit):
         ls.prepare_argv(["--model-path", _model_dir(tmp_path, 30), "--lsa-config", str(cfg)])
     err = capsys.readouterr().err
@@ -69,24 +69,24 @@ def test_target_layers_checked_against_model(tmp_path, capsys):
 
 def test_attention_first_layer_checked_against_model(tmp_path, capsys):
     cfg, model = tmp_path / "c.yaml", _model_dir(tmp_path, 30)
-    cfg.write_text("attention_first_layer: 30\n")
+    cfg.write_text("experimental:\n  attention_first_layer: 30\n")
     with pytest.raises(SystemExit):
         ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])
     err = capsys.readouterr().err
     assert "'attention_first_layer'" in err and "[0, 29]" in err
-    cfg.write_text("attention_first_layer: 29\n")
+    cfg.write_text("experimental:\n  attention_first_layer: 29\n")
     assert ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])[1].attention_first_layer == 29
 
 
 def test_attention_heads_checked_against_model(tmp_path, capsys):
     cfg, model = tmp_path / "c.yaml", _model_dir(tmp_path, 30, heads=9)
     for bad, named in (("[[30, 0]]", "[30, 0]"), ("[[2, 9]]", "[2, 9]")):
-        cfg.write_text(f"attention_heads: {bad}\n")
+        cfg.write_text(f"experimental:\n  attention_heads: {bad}\n")
         with pytest.raises(SystemExit):
             ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])
         err = capsys.readouterr().err
         assert "'attention_heads'" in err and "30 layers of 9 heads" in err and named in err
-    cfg.write_text("attention_heads: [[29, 8], [0, 0]]\n")
+    cfg.write_text("experimental:\n  attention_heads: [[29, 8], [0, 0]]\n")
     assert ls.prepare_argv(["--model-path", model, "--lsa-config", str(cfg)])[1].attention_heads == ((29, 8), (0, 0))
 
 
