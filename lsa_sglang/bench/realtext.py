@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from lsa_sglang.bench.tasks import Draft, TaskSpec, _prose, join_words
+from lsa_sglang.bench.drafts import Draft, TaskSpec, join_words, prose
 
 PYTHON = f"{sys.version_info.major}.{sys.version_info.minor}.{sys.version_info.micro}"
 
@@ -307,7 +307,7 @@ def _chat_recall(rng: random.Random, _target: int) -> Draft:
 
 
 def _summary(rng: random.Random, _target: int) -> Draft:
-    words = _prose(rng)
+    words = prose(rng)
 
     def render(n: int, _pad: int) -> str:
         return ("Read the following text.\n\n" + join_words(words(n)) +

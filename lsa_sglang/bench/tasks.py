@@ -22,6 +22,9 @@ import uuid
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from lsa_sglang.bench.drafts import Draft, TaskSpec, join_words
+from lsa_sglang.bench.drafts import prose as _prose
+from lsa_sglang.bench.realtext import TASKS as _REAL_TEXT
 from lsa_sglang.bench.tokens import TokenCounter, as_counter
 from lsa_sglang.bench.words import ADJECTIVES, NOUNS, VOCABULARY
 
@@ -48,28 +51,6 @@ class Sample:
         return dataclasses.asdict(self)
 
 
-@dataclasses.dataclass
-class Draft:
-    """A task instance before fitting: `render(units, pad_words)` -> instruction + context + question
-    (or a conversation: role/content dicts)."""
-
-    render: Callable[[int, int], str | list[dict[str, str]]]
-    answer_prefix: str
-    answers: list[str]
-    meta: dict[str, Any]
-    paddable: bool = False  # units are coarse: fill the remainder with noise words
-    max_units: int | None = None  # the task cannot grow beyond this many units
-
-
-@dataclasses.dataclass(frozen=True)
-class TaskSpec:
-    name: str
-    description: str
-    build: Callable[[random.Random, int], Draft]  # (rng, target tokens) -> draft
-    max_new_tokens: int
-    needs_prose: bool = False
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 
@@ -77,16 +58,6 @@ def noise_words(n: int) -> list[str]:
     """The first n words of RULER's repeated noise paragraph."""
     reps = n // len(_NOISE_WORDS) + 1
     return (_NOISE_WORDS * reps)[:n]
-
-
-def join_words(words: Sequence[str]) -> str:
-    """Words joined by spaces; a word carrying a paragraph break ("\\n\\n...") gets no space before."""
-    out: list[str] = []
-    for w in words:
-        if out and not w.startswith("\n"):
-            out.append(" ")
-        out.append(w)
-    return "".join(out)
 
 
 def insert_sentences(words: Sequence[str], items: Sequence[str], depths: Sequence[float]) -> str:
@@ -132,22 +103,6 @@ def _distinct(rng: random.Random, make: Callable[[random.Random], str], n: int, 
             seen.add(v)
             out.append(v)
     return out
-
-
-def _prose(rng: random.Random) -> Callable[[int], list[str]]:
-    """n -> n prose words from a seeded starting point (wrapping around the corpus)."""
-    from lsa_sglang.bench.corpus import prose_words
-
-    corpus = prose_words()
-    start = rng.randrange(len(corpus))
-
-    def take(n: int) -> list[str]:
-        out = [corpus[(start + i) % len(corpus)] for i in range(n)]
-        if out and out[0].startswith("\n"):
-            out[0] = out[0].lstrip()
-        return out
-
-    return take
 
 
 def _noise(_rng: random.Random) -> Callable[[int], list[str]]:
@@ -422,9 +377,6 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 
-
-# The real-text tasks build on the helpers above.
-from lsa_sglang.bench.realtext import TASKS as _REAL_TEXT  # noqa: E402
 
 TASKS.update({t.name: t for t in _REAL_TEXT})
 REAL_TEXT_TASKS = tuple(t.name for t in _REAL_TEXT)
