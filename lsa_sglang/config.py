@@ -154,10 +154,8 @@ class LSAConfig:
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
     held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
-    reselect_edge: bool = False  # `reselect`: bring in the chunk after one whose end the answer just copied
     release_copied: int = 0  # `reselect`: a chunk the answer copies (its last this many tokens) holds its page to the copy's end, then only what later steps read (0: off)
     copy_siblings: int = 0  # `release_copied`: a copy's other list items (where its last this many lead-in tokens recur) come in and hold (0: off)
-    edge_pages: int = 0  # `reselect_edge`: pages beyond the budget that take such chunks (0: swap one out)
     needle_fallback: bool = True
     kernel: str = "auto"
     seed: int = 0
@@ -233,12 +231,10 @@ class LSAConfig:
         need_int("reselect_after", 0)
         if not _is_finite(self.held_decay) or not 0.0 < self.held_decay <= 1.0:
             raise bad("held_decay", "a number in (0, 1]")
-        need_bool("reselect_edge")
         need_int("release_copied", 0, self.chunk_size)
         need_int("copy_siblings", 0, self.chunk_size)
         if self.copy_siblings and not self.release_copied:
             raise bad("copy_siblings", "0 when release_copied is 0 (the copies it follows are those release_copied finds)")
-        need_int("edge_pages", 0)
         need_bool("needle_fallback")
         need_choice("kernel", KERNELS)
         need_int("seed", 0, MAX_SEED)
@@ -286,11 +282,6 @@ class LSAConfig:
         if not self.enabled or self.policy in ("recency", "random"):
             return False
         return self.policy != "attention" or self.attention_later == "indexer"
-
-    @property
-    def extra_edge_chunks(self) -> int:
-        """Chunks the straddle rule may hold beyond the selection budget (`edge_pages`)."""
-        return self.edge_pages * self.chunks_per_page if self.reselects and self.reselect_edge else 0
 
     @property
     def host_pool_bytes(self) -> int:
@@ -387,9 +378,8 @@ _PREREQUISITES: dict[str, tuple[str, Any]] = {
         "attention_rows", "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
         "attention_later", "reselect")},
     **{name: ("reselect is quest (policy: attention)", lambda c: c.reselects) for name in (
-        "reselect_after", "held_decay", "reselect_edge", "release_copied")},
+        "reselect_after", "held_decay", "release_copied")},
     "copy_siblings": ("release_copied is above 0 (reselect: quest)", lambda c: c.reselects and c.release_copied > 0),
-    "edge_pages": ("reselect_edge is true (reselect: quest)", lambda c: c.reselects and c.reselect_edge),
     "needle_fallback": ("policy is indexer", lambda c: c.policy == "indexer"),
 }
 

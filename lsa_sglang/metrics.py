@@ -13,7 +13,7 @@ EXPORTED = (
     "device_kv_bytes", "selection_metadata_bytes", "peak_device_kv_bytes", "full_kv_bytes", "host_kv_bytes", "resident_ratio",
     "windows", "chunks_copied", "bytes_copied", "stalls", "stall_seconds", "indexer_seconds",
     "fallbacks", "running_requests", "alloc_denied", "host_full", "reselections",
-    "edge_reselections", "copies_released", "sibling_reselections", "lookahead_wanted", "lookahead_hits",
+    "copies_released", "sibling_reselections", "lookahead_wanted", "lookahead_hits",
     "decode_steps", "decode_host_seconds",
 )
 

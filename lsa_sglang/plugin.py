@@ -32,7 +32,7 @@ OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_bud
 OVERRIDABLE = ("policy", "page_budget", "budget_fraction", "threshold", "enabled", "min_pages", "needle_fallback", "attention_rows",
                "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
                "attention_later", "swap_limit",
-               "reselect", "reselect_after", "held_decay", "reselect_edge", "edge_pages",
+               "reselect", "reselect_after", "held_decay",
                "release_copied", "copy_siblings")
 _registered = False
 

@@ -43,14 +43,11 @@ VARIANTS = {
     "attention-reselect-after8": ("attention", {"reselect_after": 8}),
     "attention-decay": ("attention", {"held_decay": 0.9}),
     "attention-decay8": ("attention", {"held_decay": 0.8}),
-    "attention-edge": ("attention", {"reselect_edge": True}),
     "attention-release": ("attention", {"release_copied": 4}),
     "attention-release3": ("attention", {"release_copied": 3}),
     "attention-no-release": ("attention", {"release_copied": 0}),
     "attention-siblings": ("attention", {"copy_siblings": 8}),
     "attention-no-siblings": ("attention", {"copy_siblings": 0}),
-    "attention-edge-page": ("attention", {"reselect_edge": True, "edge_pages": 1}),
-    "attention-edge-page-b8": ("attention", {"reselect_edge": True, "edge_pages": 1, "page_budget": 8}),
     "attention-rows-heads": ("attention", {"attention_rows": 64, "attention_per_head": True}),
     "attention-fixed-budget": ("attention", {"budget_fraction": None}),
     "attention-layers": ("attention", {"attention_heads": None}),
@@ -144,7 +141,7 @@ def run_one(client: ServerClient, sample: Sample, method: Method, max_new_tokens
         rec.update(peak_device_kv_bytes=peak, full_kv_bytes=full, kv_ratio=(peak / full) if full else None,
                    lsa_policy=st.get("policy"), lsa_enabled=st.get("lsa_enabled"), windows=st.get("windows"),
                    fallbacks=st.get("fallbacks"), chunks_copied=st.get("chunks_copied"), stalls=st.get("stalls"),
-                   reselections=st.get("reselections"), edge_reselections=st.get("edge_reselections"),
+                   reselections=st.get("reselections"),
                    copies_released=st.get("copies_released"), sibling_reselections=st.get("sibling_reselections"),
                    lookahead_wanted=st.get("lookahead_wanted"), lookahead_hits=st.get("lookahead_hits"))
     elif method.server == "stock":

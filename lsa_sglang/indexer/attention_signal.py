@@ -181,55 +181,26 @@ def evidence_swap(share: torch.Tensor, held: torch.Tensor, resident: torch.Tenso
     return (incoming, outgoing) if share[incoming] > held[outgoing] else None
 
 
-def step_peak(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor], scales: Sequence[float],
-              watched: torch.Tensor) -> int:
-    """The token among ``watched`` (bool ``[T]``) that one decode step read most: per layer each
-    head's softmax over every token the step read (``keys`` per layer ``[T, Hk, D]``, ``queries``
-    per layer ``[H, D]``), summed over heads, restricted to the watched tokens and renormalised,
-    then the max over layers (window 0's scale, per token). Returns its index into ``T``."""
-    best = None
-    for q, k, scale in zip(queries, keys, scales):
-        heads, kv_heads = q.shape[0], k.shape[1]
-        qg = q.float().view(kv_heads, heads // kv_heads, -1)  # [Hk, G, D]
-        logits = torch.einsum("hgd,thd->hgt", qg, k.float()) * scale
-        mass = torch.softmax(logits, dim=-1).sum(dim=(0, 1))[watched]
-        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
-        best = share if best is None else torch.maximum(best, share)
-    return int(watched.nonzero()[int(best.argmax())])
-
-
-def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int, at_end: bool = False) -> list[int]:
+def copied_chunks(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> list[int]:
     """Those of ``chunks`` where a run equal to the last ``n`` of ``tokens`` (the request's tokens
     so far, prompt then answer) ends, before the run itself: the answer is copying the chunk
     (a run that starts in the chunk before counts for the chunk holding its end, so a fact cut by
-    a boundary is followed into the next chunk). With ``at_end`` only a run that ends the chunk
-    counts (the answer has just copied the chunk's end). Sorted; empty when ``n`` < 1 or nothing
+    a boundary is followed into the next chunk). Sorted; empty when ``n`` < 1 or nothing
     matches."""
     if n < 1 or len(tokens) <= n:
         return []
-    return [c for c in sorted(chunks) if _run_in_chunk(tokens, n, c, cs, at_end) is not None]
+    return [c for c in sorted(chunks) if _run_in_chunk(tokens, n, c, cs) is not None]
 
 
-def _run_in_chunk(tokens: Sequence[int], n: int, c: int, cs: int, at_end: bool = False) -> int | None:
+def _run_in_chunk(tokens: Sequence[int], n: int, c: int, cs: int) -> int | None:
     """Start of the first run equal to the last ``n`` of ``tokens`` that ends in chunk ``c``
-    before the run itself (with ``at_end``: one that ends the chunk), None when there is none."""
+    before the run itself, None when there is none."""
     tail = list(tokens[-n:])
     limit = len(tokens) - n  # an occurrence must end before the copy starts
     end = (c + 1) * cs
-    if at_end and end > limit:
-        return None
-    # at_end: only the chunk's last n tokens; else any run ending in the chunk
-    start = max(c * cs, end - n) if at_end else max(c * cs - n + 1, 0)
+    start = max(c * cs - n + 1, 0)
     span = list(tokens[start : min(end, limit)])
     return next((start + i for i in range(len(span) - n + 1) if span[i : i + n] == tail), None)
-
-
-def copied_chunk_end(tokens: Sequence[int], n: int, chunks: Iterable[int], cs: int) -> int | None:
-    """The first of ``chunks`` whose last ``n`` tokens are the last ``n`` of ``tokens``
-    (`copied_chunks` with ``at_end``): a fact cut by its boundary goes on in the next chunk.
-    None when none matches."""
-    found = copied_chunks(tokens, n, chunks, cs, at_end=True)
-    return found[0] if found else None
 
 
 def copy_start(tokens: Sequence[int], n: int, chunk: int, cs: int, answer_len: int) -> int | None:
@@ -292,26 +263,3 @@ def release_copied(held: torch.Tensor, share: torch.Tensor, copying: Iterable[in
     for c in now:
         held[c - lo] = 1.0
     return len(ended)
-
-
-def edge_swap(peak_chunk: int, at_end: bool, held: torch.Tensor, resident: torch.Tensor, *,
-              spare: bool = False, slot: int | None = None) -> tuple[int, int | None] | None:
-    """The straddle rule over candidate chunks: a fact cut by a chunk boundary is copied token by
-    token, so when the token a step read most is the last of resident chunk ``peak_chunk``
-    (``at_end``) and the chunk after it is a candidate not on the device, the next step needs
-    that chunk's first token. Returns ``(incoming, outgoing)``: that chunk, and what makes room
-    for it: nothing (None) when a ``spare`` page is free; else ``slot`` (the chunk an earlier
-    straddle brought in) when it is resident and not ``peak_chunk``; else the resident chunk
-    other than ``peak_chunk`` with the smallest ``held`` share. None when the rule does not fire."""
-    nxt = peak_chunk + 1
-    if not at_end or nxt >= resident.numel() or bool(resident[nxt]):
-        return None
-    if spare:
-        return nxt, None
-    if slot is not None and slot != peak_chunk and 0 <= slot < resident.numel() and bool(resident[slot]):
-        return nxt, slot
-    others = resident.clone()
-    others[peak_chunk] = False
-    if not bool(others.any()):
-        return None
-    return nxt, int(torch.where(others, held.float(), torch.tensor(float("inf"))).argmin())

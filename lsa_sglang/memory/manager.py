@@ -93,7 +93,7 @@ class LSAMemoryManager:
                     self._publish()
                 elif table.config.reselects and idx in rows and queries:
                     layers = sorted(queries)
-                    self.windows.reselect(table, layers, [queries[l][0][rows[idx]] for l in layers],
+                    self.windows.reselect(table, [queries[l][0][rows[idx]] for l in layers],
                                           [queries[l][1] for l in layers],
                                           swap=seq_len - table.prompt_tokens > table.config.reselect_after)
             if table.config.reselects:

@@ -43,7 +43,6 @@ class Counters:
     indexer_seconds: float = 0.0
     fallbacks: int = 0
     reselections: int = 0  # chunks swapped in on a decode step's evidence (`reselect`)
-    edge_reselections: int = 0  # of which by the straddle rule (`reselect_edge`)
     copies_released: int = 0  # copies of a resident chunk that ended, its hold started again (`release_copied`)
     sibling_reselections: int = 0  # chunks swapped in as other items of a list the answer copies (`copy_siblings`)
     # `reselect`: chunks a decode step's own scoring ranks in its top (as many as the set holds),
@@ -123,7 +122,6 @@ class ChunkTable:
     kmax: torch.Tensor | None = None
     bounds: torch.Tensor | None = None  # [mirrored, 2, all layers, Hk, Dh]: every layer's key min, max
     held: torch.Tensor | None = None  # `reselect`: largest share each chunk drew (window 0, then each step)
-    edge_chunks: list[int] = field(default_factory=list)  # `edge_pages`: what the straddle rule brought in, oldest first
     copying: list[int] = field(default_factory=list)  # `release_copied`: resident chunks the answer copied at the last step
     listed: set[int] = field(default_factory=set)  # `copy_siblings`: chunks the answer has copied from
     siblings: list[int] = field(default_factory=list)  # `copy_siblings`: other items of the list it copies, next first
@@ -190,9 +188,8 @@ def carry_swaps(target: set[int], resident: set[int], coming: set[int], brought:
 
 
 def chunk_cap(config: LSAConfig) -> int:
-    """Most complete chunks a request may hold on the device: the selection budget plus the
-    straddle rule's spare pages (`edge_pages`)."""
-    return device_budget_chunks(SelectionParams.from_config(config)) + config.extra_edge_chunks
+    """Most complete chunks a request may hold on the device: sink, tail and the selection budget."""
+    return device_budget_chunks(SelectionParams.from_config(config))
 
 
 def steps_left(req) -> int:

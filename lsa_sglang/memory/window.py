@@ -33,8 +33,8 @@ from lsa_sglang.indexer import (
     select_chunks,
 )
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, copy_start, edge_swap, evidence_swap, head_scores, heads_by_layer,
-    list_siblings, quest_shares, quest_window0, raise_held, release_copied, step_peak,
+    copied_chunks, copy_start, evidence_swap, head_scores, heads_by_layer, list_siblings, quest_shares,
+    quest_window0, raise_held, release_copied,
 )
 from lsa_sglang.indexer.selector import SCORED, member_mask
 from lsa_sglang.kernels import copy_chunks_to_device, copy_chunks_to_host
@@ -45,7 +45,6 @@ from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, carry_swap
 
 logger = logging.getLogger(__name__)
 
-EDGE_COPY_TOKENS = 3  # the straddle rule fires when the answer's last this many tokens end a resident chunk
 
 
 class RequestTokens(Sequence[int]):
@@ -189,8 +188,7 @@ class WindowCycle:
             self.server.count(table.stats, fallbacks=1)
         return set(sel.resident.tolist())
 
-    def reselect(self, table: ChunkTable, layers: list[int], queries: list[torch.Tensor], scales: list[float],
-                  swap: bool) -> None:
+    def reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float], swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
         what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
         chunk's largest share so far (`held`, first shrunk by `held_decay`; with `release_copied` a
@@ -198,10 +196,9 @@ class WindowCycle:
         read of it); when `swap` (the answer
         is past `reselect_after` tokens) and the best chunk not on the device drew more than the
         weakest resident one holds, that one is released and the other copied in
-        now (a counted stall): one chunk per step, the set's size unchanged. With `reselect_edge`
-        the straddle rule (`_edge`) goes first, from the answer's first step (with `edge_pages`
-        it may grow the set by that many pages); with `copy_siblings` a copy that starts brings in
-        the other items of its list, one that ends frees its page for them (`_siblings`)."""
+        now (a counted stall): one chunk per step, the set's size unchanged. With `copy_siblings`
+        a copy that starts brings in the other items of its list, one that ends frees its page
+        for them (`_siblings`)."""
         n = table.mirrored
         cand = candidate_chunks(n, SelectionParams.from_config(table.config))
         if len(cand) == 0:
@@ -229,11 +226,7 @@ class WindowCycle:
                 self.server.count(table.stats, copies_released=ended)
             if table.config.copy_siblings and (ended or not table.listed.issuperset(copying)):
                 self._siblings(table, req, lo, hi, held)
-        resident = member_mask(table.resident, lo, hi)
-        edge = self._edge(table, req, layers, queries, scales, lo, hi, held, resident) if table.config.reselect_edge else None
-        pair = edge
-        if pair is None and swap:
-            pair = evidence_swap(share, held, resident)
+        pair = evidence_swap(share, held, member_mask(table.resident, lo, hi)) if swap else None
         self.server.count(table.stats, indexer_seconds=time.perf_counter() - t)
         if pair is None:
             return
@@ -241,9 +234,7 @@ class WindowCycle:
         t = time.perf_counter()
         if not self._swap_in(table, table.resident - {outgoing}, [incoming]):
             return
-        if edge is not None and table.config.extra_edge_chunks:
-            table.edge_chunks = [c for c in table.edge_chunks if c != outgoing] + [incoming]
-        self.server.count(table.stats, reselections=1, edge_reselections=int(edge is not None), stalls=1,
+        self.server.count(table.stats, reselections=1, stalls=1,
                           stall_seconds=time.perf_counter() - t, chunks_copied=1, bytes_copied=self.cells.page_bytes)
 
     def _count_lookahead(self, table: ChunkTable, share: torch.Tensor, lo: int, hi: int) -> None:
@@ -326,38 +317,6 @@ class WindowCycle:
             if out[0] in p.deferred:
                 p.deferred.remove(out[0])
         p.resident = resident
-
-    def _edge(self, table: ChunkTable, req, layers: list[int], queries: list[torch.Tensor], scales: list[float],
-              lo: int, hi: int, held: torch.Tensor, resident: torch.Tensor) -> tuple[int, int | None] | None:
-        """The straddle rule (`edge_swap`) on a resident candidate chunk whose end the answer has
-        just copied: its last `EDGE_COPY_TOKENS` tokens are the answer's last ones
-        (`copied_chunk_end`), else the one holding the token the last step read most among the
-        resident candidate chunks' tokens (`step_peak`, exact, over every token that step read:
-        the cells are all on the device). With `edge_pages` the chunk it brings in takes a page
-        beyond the budget while one is free, else the page of the oldest chunk it brought in
-        that is still resident. `req`: the scheduler's Req behind the table (None: gone)."""
-        cs = self.cs
-        extra = table.config.extra_edge_chunks
-        spare, slot = False, None
-        if extra:
-            spare = len(table.resident) < chunk_cap(table.config)
-            table.edge_chunks = [c for c in table.edge_chunks if c in table.resident]
-            slot = next((c - lo for c in table.edge_chunks if lo <= c < hi), None)
-        if req is not None and len(req.output_ids) >= EDGE_COPY_TOKENS:
-            ends = [c for c in table.resident if lo <= c < hi - 1 and c + 1 not in table.resident]
-            copied = copied_chunk_end(RequestTokens(req), EDGE_COPY_TOKENS, ends, cs)
-            if copied is not None:
-                return edge_swap(copied - lo, True, held, resident, spare=spare, slot=slot)
-        pos = table.read_positions(table.seq_len, cs, self.cells.device)
-        chunk = pos // cs
-        watched = (chunk >= lo) & (chunk < hi)
-        if not bool(watched.any()):
-            return None
-        slots = self.cells.req_to_token[table.req_pool_idx, pos].to(torch.int64)
-        with torch.no_grad():
-            peak = int(pos[step_peak(queries, (self.cells.k_buffers[l].index_select(0, slots) for l in layers),
-                                     scales, watched)])
-        return edge_swap(peak // cs - lo, peak % cs == cs - 1, held, resident, spare=spare, slot=slot)
 
     def _window0_scores(self, table: ChunkTable, seq_len: int, queries, cand: torch.Tensor) -> torch.Tensor:
         """Window 0 from the prefill's queries over the prompt's keys, all still on the device at

@@ -267,37 +267,6 @@ def straddle_ids(server, n_tokens: int, seed: int, chunk: int = 64, cut: int = 3
     return (words[:at] + lead + code + words[at:])[: n_tokens - len(lead)] + lead
 
 
-def test_edge_rule_brings_in_the_rest_of_a_fact_cut_by_a_chunk_boundary(lsa_server, baseline):
-    """`reselect_edge`: at 2 pages window 0 holds chunk 20 (the key, the code's first tokens) but
-    not chunk 21 (the rest). Copying the code reads chunk 20's last token most, so chunk 21 is
-    swapped in (counted apart, copied synchronously, only resident cells read: released cells
-    are NaN) and the answer goes on with the code's end; without the rule it does not. The quest
-    rule is gated off for the whole answer, so every swap is the edge rule's. With `edge_pages: 1`
-    chunk 21 takes one page beyond the budget instead (the peak grows by exactly that page)."""
-    ids = straddle_ids(lsa_server, 3000, seed=11)
-    got = {}
-    for edge, pages in ((False, 0), (True, 0), (True, 1)):
-        lsa = {"policy": "attention", "page_budget": 2, "attention_later": "carry", "reselect": "quest",
-               "reselect_after": 64, "reselect_edge": edge, "edge_pages": pages}
-        out = greedy(lsa_server, ids, n=10, lsa=lsa, logprobs=True)
-        assert all(math.isfinite(lp) for lp, _, _ in out["meta_info"]["output_token_logprobs"])
-        req = next(r for r in stats(lsa_server)["requests"] if r["rid"] == out["meta_info"]["id"])
-        got[edge, pages] = out["text"], req
-    (off_text, off), (on_text, on), (page_text, page) = got[False, 0], got[True, 0], got[True, 1]
-    assert off["reselections"] == off["edge_reselections"] == 0, off
-    for r in (on, page):
-        assert r["edge_reselections"] >= 1 and r["reselections"] == r["edge_reselections"], r
-        assert r["stalls"] >= r["reselections"] and r["chunks_copied"] >= r["reselections"]
-    assert "1637" in on_text and "1637" in page_text and "1637" not in off_text, (on_text, page_text, off_text)
-    pages_now = -(-(off["prompt_tokens"] + off["output_tokens"]) // 64)
-    page_bytes = off["full_kv_bytes"] // pages_now
-    assert on["peak_device_kv_bytes"] == off["peak_device_kv_bytes"]
-    assert page["peak_device_kv_bytes"] == off["peak_device_kv_bytes"] + page_bytes
-    after = wait_idle(lsa_server, flush=True)["server"]
-    assert after["edge_reselections"] >= on["edge_reselections"] + page["edge_reselections"]
-    assert after["device_free_tokens"] == baseline["device_free_tokens"]
-
-
 def test_release_copied_counts_a_copy_and_reads_only_resident_cells(lsa_server, baseline):
     """`release_copied`: at 2 pages window 0 holds chunk 20, which states the code the prompt ends
     asking for, and the answer copies it. With the rule the server sees the copy (the answer's

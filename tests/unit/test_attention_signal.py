@@ -10,8 +10,8 @@ import torch
 
 from lsa_sglang.indexer import SelectionParams, attention_scores, layer_chunk_mass, select_chunks
 from lsa_sglang.indexer.attention_signal import (
-    copied_chunk_end, copied_chunks, copy_start, edge_swap, evidence_swap, head_scores, list_siblings, quest_shares,
-    quest_window0, raise_held, release_copied, step_peak,
+    copied_chunks, copy_start, evidence_swap, head_scores, list_siblings, quest_shares, quest_window0, raise_held,
+    release_copied,
 )
 
 
@@ -268,23 +268,6 @@ def test_a_decayed_held_share_lets_a_value_read_out_leave():
     assert raise_held(held, share) is held  # in place
 
 
-def test_copied_chunk_end_finds_the_chunk_whose_end_the_answer_just_copied():
-    """A value 3980426 cut after "398042" by the boundary of chunk 2 (chunk size 8): once the answer
-    has written "...042" chunk 2's end is copied; other chunks, a shorter match, or a match that is
-    only the answer's own tail (no chunk end before it) do not count."""
-    words = [100 + i for i in range(40)]
-    prompt = words[:18] + [3, 9, 8, 0, 4, 2] + [6] + words[18:27]  # chunk 2 = positions 16..23
-    assert prompt[21:24] == [0, 4, 2] and len(prompt) == 34
-    answer = [7, 3, 9, 8, 0, 4, 2]
-    assert copied_chunk_end(prompt + answer, 3, [0, 1, 2, 3], 8) == 2
-    assert copied_chunk_end(prompt + answer, 3, [0, 1, 3], 8) is None  # chunk 2 not among those asked
-    assert copied_chunk_end(prompt + answer[:-1], 3, [0, 1, 2, 3], 8) is None  # "...04": not yet
-    assert copied_chunk_end(prompt + [5, 0, 4, 2], 4, [2], 8) is None  # 4 tokens: 5 != 8
-    assert copied_chunk_end(prompt + [5, 0, 4, 2], 3, [2], 8) == 2
-    assert copied_chunk_end([0, 4, 2], 3, [0], 3) is None  # the chunk's end is the answer's own tail
-    assert copied_chunk_end(prompt + answer, 0, [2], 8) is None
-
-
 def test_copied_chunks_are_those_holding_the_answers_last_tokens_as_a_run():
     """Chunk size 8: the value 5 0 4 2 9 sits inside chunk 1 (positions 10..14) and 4 2 again
     at the start of chunk 3. The answer copying "5 0 4" points at chunk 1 only; "4 2" at
@@ -375,55 +358,6 @@ def test_list_siblings_are_the_items_after_the_same_lead_in():
     assert list_siblings(p, 2, 3, 16, 8) == [] and list_siblings(p, 45, 0, 16, 8) == []
 
 
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_step_peak_is_the_watched_token_read_most_at_any_layer(heads, kv_heads):
-    """step_peak against the definition written out: per layer each head's softmax over every
-    token, heads summed, restricted to the watched tokens and renormalised, max over layers."""
-    torch.manual_seed(5)
-    T, D, L = 40, 8, 3
-    watched = torch.zeros(T, dtype=torch.bool)
-    watched[5:30] = True
-    for trial in range(20):
-        qs = [torch.randn(heads, D) for _ in range(L)]
-        ks = [torch.randn(T, kv_heads, D) for _ in range(L)]
-        best = torch.zeros(T, dtype=torch.float64)
-        for q, k in zip(qs, ks):
-            mass = torch.zeros(T, dtype=torch.float64)
-            for h in range(heads):
-                logits = k[:, h // (heads // kv_heads)].double() @ q[h].double() * 0.4
-                mass += torch.softmax(logits, 0)
-            share = torch.where(watched, mass, torch.zeros(())) / mass[watched].sum()
-            best = torch.maximum(best, share)
-        assert step_peak(qs, ks, [0.4] * L, watched) == int(best.argmax()), trial
-    # a token outside the watched ones is never the answer, however much it draws
-    k = torch.zeros(T, 1, D)
-    k[2, 0] = 3.0
-    k[7, 0] = 1.0
-    assert step_peak([torch.ones(1, D)], [k], [1.0], watched) == 7
-
-
-def test_edge_swap_brings_in_the_chunk_after_a_peak_on_a_chunks_last_token():
-    held = torch.tensor([0.3, 0.1, 0.05, 0.2, 0.4])
-    resident = torch.tensor([True, True, False, True, False])
-    # peak on chunk 1's last token, chunk 2 absent: chunk 2 in, the weakest other resident (3) out
-    assert edge_swap(1, True, held, resident) == (2, 3)
-    assert edge_swap(1, False, held, resident) is None  # not the chunk's last token
-    assert edge_swap(0, True, held, resident) is None  # the next chunk is already resident
-    assert edge_swap(4, True, held, resident) is None  # no candidate after the last one
-    assert edge_swap(0, True, held, torch.tensor([True, False, False, False, False])) is None  # nothing to evict
-
-
-def test_edge_swap_takes_a_spare_page_else_the_page_of_an_earlier_straddle():
-    held = torch.tensor([0.3, 0.1, 0.05, 0.2, 0.4, 0.6])
-    resident = torch.tensor([True, True, False, True, False, True])
-    assert edge_swap(1, True, held, resident, spare=True) == (2, None)  # nothing leaves
-    assert edge_swap(1, True, held, resident, spare=True, slot=5) == (2, None)
-    assert edge_swap(1, True, held, resident, slot=5) == (2, 5)  # not the weakest (3): the slot's chunk
-    assert edge_swap(1, True, held, resident, slot=1) == (2, 3)  # the slot is the peak's own chunk
-    assert edge_swap(1, True, held, resident, slot=4) == (2, 3)  # the slot's chunk has left already
-    assert edge_swap(1, False, held, resident, spare=True) is None  # the rule does not fire
-
-
 def test_request_tokens_read_like_the_joined_list():
     """`RequestTokens` (prompt then answer, not joined) gives the same items, slices and copy
     checks as the joined list, for every slice the copy checks take."""
@@ -446,7 +380,6 @@ def test_request_tokens_read_like_the_joined_list():
         for n in (1, 2, 3):
             chunks = range(len(joined) // 4 + 1)
             assert copied_chunks(view, n, chunks, 4) == copied_chunks(joined, n, chunks, 4)
-            assert copied_chunk_end(view, n, chunks, 4) == copied_chunk_end(joined, n, chunks, 4)
     with pytest.raises(ValueError, match="no step"):
         RequestTokens(SimpleNamespace(origin_input_ids=[1, 2], output_ids=[3]))[::2]
 

@@ -33,10 +33,8 @@ BAD_VALUES = {
     "reselect": ["exact", "", None, True],
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
     "held_decay": [0, -0.5, 1.5, "0.9", None, True, float("nan")],
-    "reselect_edge": ["true", 0, 1, None],
     "release_copied": [-1, 65, 1.5, "4", None, True],
     "copy_siblings": [-1, 65, 1.5, "8", None, True, 8],  # 8: release_copied is 0
-    "edge_pages": [-1, 1.5, "1", None, True, 2**31],
     "needle_fallback": ["true", 0],
     "kernel": ["cuda", None],
     "seed": [-1, 1.5, 2**32, 2**64 - 1],
@@ -186,8 +184,8 @@ def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
         read_preset(preset)
     with pytest.raises(LSAConfigError, match=r"'release_copied': does nothing unless reselect is quest"):
         LSAConfig.from_dict({"release_copied": 2})  # reselect is off by default
-    with pytest.raises(LSAConfigError, match=r"'edge_pages': does nothing unless reselect_edge is true"):
-        LSAConfig.from_dict({"reselect": "quest", "edge_pages": 1})
+    with pytest.raises(LSAConfigError, match=r"'copy_siblings': does nothing unless release_copied is above 0"):
+        LSAConfig.from_dict({"release_copied": 2, "copy_siblings": 4})  # reselect is off
     with pytest.raises(LSAConfigError, match=r"'needle_fallback': does nothing unless policy is indexer"):
         LSAConfig.from_dict({"needle_fallback": False})
     # turning a rule off per request, with the rule that depends on it: both at their defaults
@@ -197,7 +195,7 @@ def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
     on = LSAConfig.from_dict({"reselect": "quest", "release_copied": 2, "copy_siblings": 4})
     assert on.copy_siblings == 4
     assert LSAConfig.from_dict({"enabled": False, "release_copied": 2}).release_copied == 2  # LSA off: nothing acts
-    assert LSAConfig.from_dict({"release_copied": 0, "edge_pages": 0}).release_copied == 0  # at the default: off
+    assert LSAConfig.from_dict({"release_copied": 0, "held_decay": 1.0}).release_copied == 0  # at the default: off
     assert LSAConfig.from_json(on.to_json()) == on  # a serialized config names every field
     # per request: fields the server's preset sets are not the request's; the ones it sends are
     assert parse_overrides({"lsa": {"policy": "quest"}}, on) == {"policy": "quest"}

@@ -134,10 +134,8 @@ RULES = {
     "reselect": lambda v: _in(v, ("off", "quest")),
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "held_decay": lambda v: _finite(v) and 0 < v <= 1,
-    "reselect_edge": lambda v: isinstance(v, bool),
     "release_copied": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "copy_siblings": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size, with release_copied: config_offenders
-    "edge_pages": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
     "needle_fallback": lambda v: isinstance(v, bool),
     "kernel": lambda v: _in(v, KERNELS),
     "seed": lambda v: _int(v) and 0 <= v <= MAX_SEED,
@@ -175,9 +173,8 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
             **{k: policy == "attention" for k in ("attention_rows", "attention_per_head", "attention_spill",
                                                   "attention_first_layer", "attention_heads", "attention_later",
                                                   "reselect")},
-            **{k: reselects for k in ("reselect_after", "held_decay", "reselect_edge", "release_copied")},
+            **{k: reselects for k in ("reselect_after", "held_decay", "release_copied")},
             "copy_siblings": reselects and merged.get("release_copied", 0) > 0,
-            "edge_pages": reselects and merged.get("reselect_edge", False) is True,
             "needle_fallback": policy == "indexer",
         }
         default = LSAConfig()
