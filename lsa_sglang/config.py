@@ -145,7 +145,6 @@ class LSAConfig:
     indexer_checkpoint: str | None = None
     policy: str = "attention"
     attention_rows: int = 16  # `attention` policy: last prompt tokens whose attention picks window 0
-    attention_per_head: bool = False  # `attention` policy: each head's share on its own, not its layer's
     attention_spill: int = 0  # `attention` policy: a chunk also counts the mass of the previous chunk's last tokens
     attention_first_layer: int = 0  # `attention` policy: window 0 reads the attention of this layer and the later ones
     attention_heads: tuple[tuple[int, int], ...] | None = None  # `attention` policy: window 0 from these (layer, head) only
@@ -153,7 +152,6 @@ class LSAConfig:
     swap_limit: int | None = None  # later boundaries bring in at most this many pages not resident (None: any)
     reselect: str = "off"  # `attention` policy: swap one chunk in after a step that read it (key bounds)
     reselect_after: int = 0  # `reselect`: no swap while the answer has at most this many tokens
-    held_decay: float = 1.0  # `reselect`: each step every chunk's largest share so far shrinks by this factor
     release_copied: int = 0  # `reselect`: a chunk the answer copies (its last this many tokens) holds its page to the copy's end, then only what later steps read (0: off)
     copy_siblings: int = 0  # `release_copied`: a copy's other list items (where its last this many lead-in tokens recur) come in and hold (0: off)
     needle_fallback: bool = True
@@ -211,7 +209,6 @@ class LSAConfig:
         if ckpt is not None and (not isinstance(ckpt, str) or not ckpt or "\0" in ckpt):
             raise bad("indexer_checkpoint", "null or a path to a checkpoint")
         need_int("attention_rows", 1, ATTENTION_MAX_ROWS)
-        need_bool("attention_per_head")
         need_int("attention_spill", 0, self.chunk_size)
         need_int("attention_first_layer", 0)
         heads = self.attention_heads
@@ -229,8 +226,6 @@ class LSAConfig:
             need_int("swap_limit", 0)
         need_choice("reselect", RESELECT)
         need_int("reselect_after", 0)
-        if not _is_finite(self.held_decay) or not 0.0 < self.held_decay <= 1.0:
-            raise bad("held_decay", "a number in (0, 1]")
         need_int("release_copied", 0, self.chunk_size)
         need_int("copy_siblings", 0, self.chunk_size)
         if self.copy_siblings and not self.release_copied:
@@ -375,10 +370,10 @@ def _attention(c: LSAConfig) -> bool:
 # is refused, so a preset says only what it runs
 _PREREQUISITES: dict[str, tuple[str, Any]] = {
     **{name: ("policy is attention", _attention) for name in (
-        "attention_rows", "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
+        "attention_rows", "attention_spill", "attention_first_layer", "attention_heads",
         "attention_later", "reselect")},
     **{name: ("reselect is quest (policy: attention)", lambda c: c.reselects) for name in (
-        "reselect_after", "held_decay", "release_copied")},
+        "reselect_after", "release_copied")},
     "copy_siblings": ("release_copied is above 0 (reselect: quest)", lambda c: c.reselects and c.release_copied > 0),
     "needle_fallback": ("policy is indexer", lambda c: c.policy == "indexer"),
 }

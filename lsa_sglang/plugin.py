@@ -30,9 +30,9 @@ logger = logging.getLogger(__name__)
 BACKEND_NAME = "lsa"
 OVERRIDE_KEY = "lsa"  # sampling_params.custom_params["lsa"] = {policy, page_budget, threshold, enabled}
 OVERRIDABLE = ("policy", "page_budget", "budget_fraction", "threshold", "enabled", "min_pages", "needle_fallback", "attention_rows",
-               "attention_per_head", "attention_spill", "attention_first_layer", "attention_heads",
+               "attention_spill", "attention_first_layer", "attention_heads",
                "attention_later", "swap_limit",
-               "reselect", "reselect_after", "held_decay",
+               "reselect", "reselect_after",
                "release_copied", "copy_siblings")
 _registered = False
 

@@ -203,7 +203,6 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
     picked = set(picked)
     signal, _, gate = signal.partition("@")  # quest@G: no swap in the answer's first G steps
     signal, _, release = signal.partition("^")  # quest^N: a chunk the answer's last N tokens copy lets go
-    signal, _, decay = signal.partition("~")  # quest~D: `held` shrinks by D per step before the max
     allowed = None
     if signal.startswith("quest") and signal != "quest":  # questK: only window 0's top K may come in
         allowed = torch.zeros(hi - lo, dtype=torch.bool)
@@ -225,7 +224,7 @@ def decode_reselect(model, tap: QueryTap, state, picked: set[int], keep_of, firs
             qs = [tap.q[i][0] for i in range(len(state["k"]))]
             share = (exact_shares(qs, state, cs, lo, hi) if signal == "exact"
                      else quest_shares(qs, kmin, kmax, [q.shape[-1] ** -0.5 for q in qs]))
-            raise_held(held, share, float(decay or 1))
+            raise_held(held, share)
             if release:
                 now = copied_chunks(ids + out, int(release), picked, cs)
                 release_copied(held, share, now, copying, lo, hi)
@@ -444,8 +443,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ap.add_argument("--rows", type=int, default=64)
     ap.add_argument("--reselect", nargs="*", default=[],
                     help="also decode each rule with re-selection on evidence after every step: exact, quest, "
-                         "questK (only the rule's top K chunks may come in), any of them ~D (each chunk's largest "
-                         "share so far shrinks by D per step), ^N (release_copied N) and @G (no swap in the "
+                         "questK (only the rule's top K chunks may come in), any of them ^N (release_copied N) and @G "
+                         "(no swap in the "
                          "answer's first G tokens); reported as rule+quest, rule+quest14@16, rule+quest^3@16, ...")
     ap.add_argument("--reselect-only", action="store_true",
                     help="with --reselect: skip each rule's decode without re-selection")

@@ -3,9 +3,9 @@
 At admission every chunk of the prompt is still on the device, and the prefill computed the
 queries of the last prompt tokens at every layer. Their exact attention, pooled per chunk, is
 what the model reads first. A few heads at a few layers retrieve, while most attend locally, so
-the layers are not summed: each layer's chunk mass (summed over its heads, or per head with
-`per_head`) is renormalised over the candidate chunks (sink and recency tail excluded, they are
-resident anyway) and a chunk scores the largest share any layer (or head) gives it. With several
+the layers are not summed: each layer's chunk mass (summed over its heads) is renormalised over
+the candidate chunks (sink and recency tail excluded, they are resident anyway) and a chunk
+scores the largest share any layer gives it. With several
 query rows (the last `attention_rows` prompt tokens, each under its causal mask) their masses add
 up first, so a question whose words point at several facts keeps all of them. No metadata is
 kept: the queries are dropped after use.
@@ -63,11 +63,10 @@ def attention_scores(
     n_chunks: int,
     chunk_size: int,
     candidates: tuple[int, int],
-    per_head: bool = False,
     spill: int = 0,
 ) -> torch.Tensor:
-    """Chunk scores ``[n_chunks]`` on the CPU: per layer (or per head) the chunk mass renormalised
-    over the candidate range ``[lo, hi)``, then the max over layers (and heads); chunks outside
+    """Chunk scores ``[n_chunks]`` on the CPU: per layer the chunk mass renormalised over the
+    candidate range ``[lo, hi)``, then the max over layers; chunks outside
     the range score 0. `keys` may be a generator: one layer's keys are gathered at a time."""
     lo, hi = candidates
     scores = torch.zeros(n_chunks, dtype=torch.float32)
@@ -75,10 +74,8 @@ def attention_scores(
         return scores
     best = None
     for q, k, scale in zip(queries, keys, scales):
-        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, per_head, spill)[..., lo:hi]
-        share = mass / mass.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(mass.dtype).tiny)
-        if per_head:
-            share = share.max(dim=0).values
+        mass = layer_chunk_mass(q, k, scale, n_chunks, chunk_size, spill=spill)[lo:hi]
+        share = mass / mass.sum().clamp_min(torch.finfo(mass.dtype).tiny)
         best = share if best is None else torch.maximum(best, share)
     if best is not None:
         scores[lo:hi] = best.cpu()
@@ -157,12 +154,9 @@ def quest_window0(queries: Sequence[torch.Tensor], keys: Iterable[torch.Tensor],
     return scores
 
 
-def raise_held(held: torch.Tensor, share: torch.Tensor, decay: float = 1.0) -> torch.Tensor:
-    """In place: each chunk's largest share so far (``held``), first shrunk by ``decay`` (1: kept
-    for good), raised to what the last step read of it (``share``). Below 1 a chunk the answer has
-    read out and no longer reads falls back, so one it has not read yet can take its page."""
-    if decay < 1.0:
-        held.mul_(decay)
+def raise_held(held: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """In place: each chunk's largest share so far (``held``) raised to what the last step read
+    of it (``share``)."""
     return torch.maximum(held, share, out=held)
 
 

@@ -191,7 +191,7 @@ class WindowCycle:
     def reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float], swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
         what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
-        chunk's largest share so far (`held`, first shrunk by `held_decay`; with `release_copied` a
+        chunk's largest share so far (`held`; with `release_copied` a
         chunk the answer is copying holds its page until the copy ends, then only what later steps
         read of it); when `swap` (the answer
         is past `reselect_after` tokens) and the best chunk not on the device drew more than the
@@ -214,7 +214,7 @@ class WindowCycle:
         with torch.no_grad():
             share = quest_shares(queries, table.bounds[lo:hi, 0], table.bounds[lo:hi, 1], scales)
         held = table.held[lo:hi]
-        raise_held(held, share, table.config.held_decay)
+        raise_held(held, share)
         self._count_lookahead(table, share, lo, hi)
         req = self.req_of(table)
         if table.config.release_copied and req is not None:
@@ -344,7 +344,7 @@ class WindowCycle:
                 )
             return attention_scores(
                 [queries[l][0][-config.attention_rows:] for l in layers], keys, scales, table.mirrored, self.cs,
-                (lo, hi), per_head=config.attention_per_head, spill=config.attention_spill,
+                (lo, hi), spill=config.attention_spill,
             )
 
     def _score(self, table: ChunkTable, hidden: torch.Tensor, position: int, policy: str):

@@ -61,7 +61,7 @@ def test_attention_rows_are_prefilled_for_a_cached_prompt_too(server):
     """Window 0 under `attention_rows` reads the queries of the prompt's last rows, which only a
     prefill computes: the cache serves the prompt up to those rows, and the answer is the cold one."""
     ids = haystack_ids(server, 2000, seed=39)
-    lsa = {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
+    lsa = {"policy": "attention", "attention_rows": 64}
     cold = greedy(server, ids, n=24, lsa=lsa)
     warm = greedy(server, ids, n=24, lsa=lsa)
     assert cached(cold) == 0 and len(ids) - 64 - 64 <= cached(warm) <= len(ids) - 64

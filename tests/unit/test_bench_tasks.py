@@ -284,9 +284,9 @@ def test_methods_summary_and_table():
         build_methods(["best"], [None])
     (nofb,) = build_methods(["indexer-nofallback"], [4])
     assert nofb.lsa == {"policy": "indexer", "needle_fallback": False, "page_budget": 4}
-    served, rows = build_methods(["lsa", "attention-rows-heads"], [None])
+    served, rows = build_methods(["lsa", "attention-rows"], [None])
     assert served.lsa is None and served.label == "lsa"  # the preset as served: no override at all
-    assert rows.lsa == {"policy": "attention", "attention_rows": 64, "attention_per_head": True}
+    assert rows.lsa == {"policy": "attention", "attention_rows": 64}
     (nospill,) = build_methods(["attention-no-spill"], [None])
     assert nospill.lsa == {"policy": "attention", "attention_spill": 0}
     (nosib,) = build_methods(["attention-no-siblings"], [None])

@@ -23,7 +23,6 @@ BAD_VALUES = {
     "indexer_checkpoint": [3, ["a"], "", "a\0b"],
     "policy": ["oracle", "", None],
     "attention_rows": [0, 65, 1.5, "8", None, True],
-    "attention_per_head": ["yes", 1, None],
     "attention_spill": [-1, 65, 1.5, "16", None, True],
     "attention_first_layer": [-1, 1.5, "3", None, True, 2**31],
     "attention_heads": [[], [[1]], [[1, 2, 3]], [[1, 2], [1, 2]], [[-1, 0]], [[1.5, 2]], [["1", 2]], [[True, 0]],
@@ -32,7 +31,6 @@ BAD_VALUES = {
     "swap_limit": [-1, 1.5, "2", True, 2**31],
     "reselect": ["exact", "", None, True],
     "reselect_after": [-1, 1.5, "16", None, True, 2**31],
-    "held_decay": [0, -0.5, 1.5, "0.9", None, True, float("nan")],
     "release_copied": [-1, 65, 1.5, "4", None, True],
     "copy_siblings": [-1, 65, 1.5, "8", None, True, 8],  # 8: release_copied is 0
     "needle_fallback": ["true", 0],
@@ -195,7 +193,7 @@ def test_a_field_that_does_nothing_is_refused_naming_its_prerequisite(tmp_path):
     on = LSAConfig.from_dict({"reselect": "quest", "release_copied": 2, "copy_siblings": 4})
     assert on.copy_siblings == 4
     assert LSAConfig.from_dict({"enabled": False, "release_copied": 2}).release_copied == 2  # LSA off: nothing acts
-    assert LSAConfig.from_dict({"release_copied": 0, "held_decay": 1.0}).release_copied == 0  # at the default: off
+    assert LSAConfig.from_dict({"release_copied": 0, "reselect_after": 0}).release_copied == 0  # at the default: off
     assert LSAConfig.from_json(on.to_json()) == on  # a serialized config names every field
     # per request: fields the server's preset sets are not the request's; the ones it sends are
     assert parse_overrides({"lsa": {"policy": "quest"}}, on) == {"policy": "quest"}

@@ -122,7 +122,6 @@ RULES = {
     "indexer_checkpoint": lambda v: v is None or (isinstance(v, str) and v != "" and "\0" not in v),
     "policy": lambda v: _in(v, POLICIES),
     "attention_rows": lambda v: _int(v) and 1 <= v <= 64,
-    "attention_per_head": lambda v: isinstance(v, bool),
     "attention_spill": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "attention_first_layer": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and < the model's layers: the launcher
     "attention_heads": lambda v: v is None or (
@@ -133,7 +132,6 @@ RULES = {
     "swap_limit": lambda v: v is None or (_int(v) and 0 <= v <= MAX_COUNT),
     "reselect": lambda v: _in(v, ("off", "quest")),
     "reselect_after": lambda v: _int(v) and 0 <= v <= MAX_COUNT,
-    "held_decay": lambda v: _finite(v) and 0 < v <= 1,
     "release_copied": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size: config_offenders
     "copy_siblings": lambda v: _int(v) and 0 <= v <= MAX_COUNT,  # and <= chunk_size, with release_copied: config_offenders
     "needle_fallback": lambda v: isinstance(v, bool),
@@ -170,10 +168,10 @@ def config_offenders(data: dict, base: dict | None = None) -> set:
         policy = merged.get("policy", "attention")
         reselects = policy == "attention" and merged.get("reselect", "off") == "quest"
         acts = {
-            **{k: policy == "attention" for k in ("attention_rows", "attention_per_head", "attention_spill",
+            **{k: policy == "attention" for k in ("attention_rows", "attention_spill",
                                                   "attention_first_layer", "attention_heads", "attention_later",
                                                   "reselect")},
-            **{k: reselects for k in ("reselect_after", "held_decay", "release_copied")},
+            **{k: reselects for k in ("reselect_after", "release_copied")},
             "copy_siblings": reselects and merged.get("release_copied", 0) > 0,
             "needle_fallback": policy == "indexer",
         }
