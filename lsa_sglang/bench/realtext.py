@@ -111,12 +111,13 @@ def _stream(rng: random.Random, items: Sequence[str],
     order = list(items)
     rng.shuffle(order)
     cache: list[str] = []
+    taken = 0  # items already in the cache: a longer prompt goes on with the next one
 
     def take(n: int, pad: int = 0) -> list[str]:
-        i = 0
+        nonlocal taken
         while len(cache) <= n and order:
-            cache.extend(text(order[i % len(order)]) + [""])
-            i += 1
+            cache.extend(text(order[taken % len(order)]) + [""])
+            taken += 1
         partial = " ".join(cache[n].split()[:pad]) if pad else ""
         return cache[:n] + ([partial] if partial else [])
 

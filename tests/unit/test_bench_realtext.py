@@ -139,3 +139,18 @@ def test_bootstrap_interval_is_reproducible_and_narrows_with_more_prompts():
     (lo1, hi1), (lo2, hi2) = bootstrap_ci(few), bootstrap_ci(many)
     assert lo1 < 50 < hi1 and lo2 < 50 < hi2 and hi2 - lo2 < hi1 - lo1
     assert bootstrap_ci({"a": [1.0] * 5}) == (100.0, 100.0)
+
+
+def test_a_haystack_goes_on_with_the_next_item_when_it_grows():
+    """Lines of items in a seeded order: asked for more lines later, the stream continues where it
+    stopped (no item repeats before every item came), and shorter asks are its prefixes."""
+    import random as _random
+
+    items = [f"item{i}" for i in range(6)]
+    take = realtext._stream(_random.Random(1), items, lambda it: [f"{it} line {j}" for j in range(3)])
+    short = take(5)
+    long = take(27)
+    assert long[:5] == short and take(5) == short
+    firsts = [line.split()[0] for line in long[::4]]  # each item: 3 lines and a blank
+    assert sorted(firsts[:6]) == items and firsts[6] == firsts[0]  # all six, then the order again
+    assert take(2, pad=1) == long[:2] + [long[2].split()[0]]
