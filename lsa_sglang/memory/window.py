@@ -46,7 +46,6 @@ from lsa_sglang.memory.state import ChunkTable, Pending, ServerStats, carry_swap
 logger = logging.getLogger(__name__)
 
 
-
 class RequestTokens(Sequence[int]):
     """A request's tokens so far, prompt then answer, read without joining them (a step's copy
     checks read a few chunks and the last tokens, not the whole context)."""
@@ -191,11 +190,10 @@ class WindowCycle:
     def reselect(self, table: ChunkTable, queries: list[torch.Tensor], scales: list[float], swap: bool) -> None:
         """Re-selection on evidence after a decode step: the step's queries at every layer bound
         what it read of each candidate chunk (`quest_shares`, from the key bounds) and raise each
-        chunk's largest share so far (`held`; with `release_copied` a
-        chunk the answer is copying holds its page until the copy ends, then only what later steps
-        read of it); when `swap` (the answer
-        is past `reselect_after` tokens) and the best chunk not on the device drew more than the
-        weakest resident one holds, that one is released and the other copied in
+        chunk's largest share so far (`held`; with `release_copied` a chunk the answer is copying
+        holds its page until the copy ends, then only what later steps read of it); when `swap`
+        (the answer is past `reselect_after` tokens) and the best chunk not on the device drew
+        more than the weakest resident one holds, that one is released and the other copied in
         now (a counted stall): one chunk per step, the set's size unchanged. With `copy_siblings`
         a copy that starts brings in the other items of its list, one that ends frees its page
         for them (`_siblings`)."""
